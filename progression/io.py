@@ -1,0 +1,199 @@
+"""NIfTI in and out: load into canonical RAS+ float32 with the affine kept; atomic saves.
+
+Array layout everywhere in this project: `[x, y, z]` voxel axes in RAS+ order
+(x -> Right, y -> Anterior, z -> Superior); the affine maps voxel indices to world
+millimetres. `Volume` keeps the file's own affine and shape too, so outputs can be
+written back on the input's exact grid (`to_original`).
+"""
+
+import dataclasses
+import gzip
+import os
+import tempfile
+import zlib
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+
+from progression.errors import ProgressionError
+
+PathLike = str | os.PathLike
+
+
+@dataclasses.dataclass(frozen=True)
+class Volume:
+  """A 3D image in canonical RAS+ voxel order.
+
+  Attributes:
+    data: `[x, y, z]` array (float32 for images, int32 for label maps).
+    affine: 4x4 voxel -> world (mm) matrix of `data`.
+    original_affine: 4x4 affine of the file as stored (before reorientation).
+    original_shape: voxel shape of the file as stored.
+    path: the file it came from, or None for in-memory volumes.
+  """
+  data: np.ndarray
+  affine: np.ndarray
+  original_affine: np.ndarray
+  original_shape: tuple[int, int, int]
+  path: str | None = None
+
+  @property
+  def voxel_size_mm(self) -> tuple[float, float, float]:
+    """Voxel edge lengths in mm (column norms of the affine's 3x3 part)."""
+    return tuple(float(v) for v in np.sqrt((self.affine[:3, :3] ** 2).sum(axis=0)))
+
+  @property
+  def voxel_volume_ml(self) -> float:
+    """Volume of one voxel in millilitres (1 mL = 1000 mm^3)."""
+    return float(abs(np.linalg.det(self.affine[:3, :3]))) / 1000.0
+
+  def to_original(self, data: np.ndarray) -> np.ndarray:
+    """Reorients an array on this volume's canonical grid back to the file's voxel order."""
+    return _reorient(data, _canonical_ornt(self.original_affine), inverse=True)
+
+
+def from_array(data: np.ndarray, affine: np.ndarray, path: str | None = None) -> Volume:
+  """Wraps an in-memory `[x, y, z]` array and affine as a canonical `Volume` (validated)."""
+  where = path or '<array>'
+  data = np.asarray(data)
+  affine = np.asarray(affine, dtype=np.float64)
+  _check_affine(affine, where)
+  data = _squeeze_to_3d(data, where)
+  _check_finite(data, where)
+  ornt = _canonical_ornt(affine)
+  canon = _reorient(data, ornt)
+  canon_affine = affine @ nib.orientations.inv_ornt_aff(ornt, data.shape)
+  return Volume(data=canon, affine=canon_affine, original_affine=affine,
+                original_shape=tuple(int(s) for s in data.shape), path=path)
+
+
+def load_image(path: PathLike) -> Volume:
+  """Loads a 3D NIfTI intensity image as float32 in canonical RAS+ order.
+
+  Raises:
+    ProgressionError: naming the file, when it is missing, unreadable, corrupt or
+      truncated, not 3D, holds NaN/inf voxels, or has a singular/non-finite affine.
+  """
+  data, affine = _read(path)
+  volume = from_array(data.astype(np.float32, copy=False), affine, path=str(path))
+  return volume
+
+
+def load_labels(path: PathLike) -> Volume:
+  """Loads a 3D NIfTI label map as int32 in canonical RAS+ order.
+
+  Raises:
+    ProgressionError: as `load_image`, and when voxel values are not integers.
+  """
+  data, affine = _read(path)
+  if not np.all(np.isfinite(data)):
+    raise ProgressionError(f'{path}: label map contains NaN or infinite voxels')
+  rounded = np.rint(data)
+  if np.any(np.abs(rounded - data) > 1e-3):
+    raise ProgressionError(f'{path}: label map has non-integer voxel values')
+  return from_array(rounded.astype(np.int32), affine, path=str(path))
+
+
+def save_image(path: PathLike, data: np.ndarray, affine: np.ndarray,
+               dtype: np.dtype | type = np.float32) -> Path:
+  """Writes `data` (`[x, y, z]`, voxel order matching `affine`) as NIfTI, atomically.
+
+  The file appears complete or not at all: it is written to a temporary file in
+  the same folder and renamed. Parent folders are created. Returns the path.
+  """
+  data = np.asarray(data)
+  affine = np.asarray(affine, dtype=np.float64)
+  _check_affine(affine, str(path))
+  if data.ndim != 3:
+    raise ProgressionError(f'{path}: refusing to save a {data.ndim}D array; expected 3D')
+  img = nib.Nifti1Image(data.astype(dtype), affine)
+  img.set_qform(affine, code=1)
+  img.set_sform(affine, code=1)
+  img.header.set_xyzt_units('mm', 'sec')
+  return _atomic_write(Path(path), lambda tmp: nib.save(img, tmp))
+
+
+def save_labels(path: PathLike, data: np.ndarray, affine: np.ndarray) -> Path:
+  """Writes an integer label map atomically (int16 on disk: FreeSurfer ids < 32768)."""
+  return save_image(path, np.asarray(data), affine, dtype=np.int16)
+
+
+def save_volume_like(path: PathLike, data: np.ndarray, reference: Volume,
+                     dtype: np.dtype | type = np.float32) -> Path:
+  """Saves `data` given on `reference`'s canonical grid with the reference file's own affine."""
+  return save_image(path, reference.to_original(data), reference.original_affine, dtype=dtype)
+
+
+def atomic_write_text(path: PathLike, text: str) -> Path:
+  """Writes a text file atomically (temporary file in the same folder, then rename)."""
+  return _atomic_write(Path(path), lambda tmp: Path(tmp).write_text(text))
+
+
+def _atomic_write(path: Path, write) -> Path:
+  path.parent.mkdir(parents=True, exist_ok=True)
+  if not os.access(path.parent, os.W_OK):
+    raise ProgressionError(f'{path.parent}: output folder is not writable')
+  suffix = ''.join(path.suffixes) or '.tmp'
+  fd, tmp = tempfile.mkstemp(prefix=f'.{path.name.split(".")[0]}-', suffix=suffix,
+                             dir=path.parent)
+  os.close(fd)
+  try:
+    write(tmp)
+    os.replace(tmp, path)
+  except BaseException:
+    Path(tmp).unlink(missing_ok=True)
+    raise
+  return path
+
+
+def _read(path: PathLike) -> tuple[np.ndarray, np.ndarray]:
+  path = Path(path)
+  if not path.is_file():
+    raise ProgressionError(f'{path}: image file not found')
+  try:
+    img = nib.load(str(path))
+    data = np.asarray(img.dataobj)
+  except (EOFError, OSError, zlib.error, gzip.BadGzipFile, ValueError,
+          nib.filebasedimages.ImageFileError) as e:
+    raise ProgressionError(f'{path}: cannot read NIfTI (corrupt or truncated file?): {e}') from None
+  if not isinstance(img, (nib.Nifti1Image, nib.Nifti2Image)):
+    raise ProgressionError(f'{path}: not a NIfTI image ({type(img).__name__})')
+  return data, np.asarray(img.affine, dtype=np.float64)
+
+
+def _squeeze_to_3d(data: np.ndarray, where: str) -> np.ndarray:
+  """Accepts [x,y,z] or [x,y,z,1]; never squeezes spatial axes (a 1-voxel slab stays 3D)."""
+  if data.ndim == 4 and data.shape[3] == 1:
+    data = data[..., 0]
+  if data.ndim != 3:
+    raise ProgressionError(f'{where}: expected a 3D image, got shape {tuple(data.shape)}')
+  if min(data.shape) < 2:
+    raise ProgressionError(f'{where}: expected a 3D volume, got a slab of shape {data.shape}')
+  return data
+
+
+def _check_finite(data: np.ndarray, where: str) -> None:
+  if np.issubdtype(data.dtype, np.floating) and not np.all(np.isfinite(data)):
+    bad = int(np.size(data) - np.count_nonzero(np.isfinite(data)))
+    raise ProgressionError(f'{where}: {bad} voxels are NaN or infinite')
+
+
+def _check_affine(affine: np.ndarray, where: str) -> None:
+  if affine.shape != (4, 4) or not np.all(np.isfinite(affine)):
+    raise ProgressionError(f'{where}: affine is not a finite 4x4 matrix')
+  if abs(np.linalg.det(affine[:3, :3])) < 1e-9:
+    raise ProgressionError(f'{where}: affine is singular (zero voxel volume)')
+
+
+def _canonical_ornt(affine: np.ndarray) -> np.ndarray:
+  return nib.orientations.io_orientation(affine)
+
+
+def _reorient(data: np.ndarray, ornt: np.ndarray, inverse: bool = False) -> np.ndarray:
+  if inverse:
+    # Undo: apply the inverse permutation/flips of `ornt`.
+    ornt = nib.orientations.ornt_transform(
+        nib.orientations.axcodes2ornt(('R', 'A', 'S')),
+        nib.orientations.axcodes2ornt(nib.orientations.ornt2axcodes(ornt)))
+  return np.ascontiguousarray(nib.orientations.apply_orientation(data, ornt))
