@@ -131,20 +131,42 @@ def atomic_write_text(path: PathLike, text: str) -> Path:
 
 
 def _atomic_write(path: Path, write) -> Path:
-  path.parent.mkdir(parents=True, exist_ok=True)
-  if not os.access(path.parent, os.W_OK):
+  """Runs `write(tmp)` on a temporary file beside `path`, then renames it onto `path`.
+
+  The temporary file gets the usual permissions (0666 minus the umask; `mkstemp`
+  alone would leave it owner-only) and is removed if the write fails, so `path`
+  is either complete or untouched. OS errors (folder not creatable or not
+  writable, disk full) become `ProgressionError`s naming the path.
+  """
+  try:
+    path.parent.mkdir(parents=True, exist_ok=True)
+  except OSError as e:
+    raise ProgressionError(f'{path}: cannot create the output folder {path.parent}: {e}') from None
+  if not path.parent.is_dir() or not os.access(path.parent, os.W_OK):
     raise ProgressionError(f'{path.parent}: output folder is not writable')
   suffix = ''.join(path.suffixes) or '.tmp'
-  fd, tmp = tempfile.mkstemp(prefix=f'.{path.name.split(".")[0]}-', suffix=suffix,
-                             dir=path.parent)
+  try:
+    fd, tmp = tempfile.mkstemp(prefix=f'.{path.name.split(".")[0]}-', suffix=suffix,
+                               dir=path.parent)
+  except OSError as e:
+    raise ProgressionError(f'{path}: cannot write to {path.parent}: {e}') from None
   os.close(fd)
   try:
+    os.chmod(tmp, 0o666 & ~_current_umask())
     write(tmp)
     os.replace(tmp, path)
-  except BaseException:
+  except BaseException as e:
     Path(tmp).unlink(missing_ok=True)
+    if isinstance(e, OSError):
+      raise ProgressionError(f'{path}: cannot write file: {e}') from e
     raise
   return path
+
+
+def _current_umask() -> int:
+  mask = os.umask(0o022)
+  os.umask(mask)
+  return mask
 
 
 def _read(path: PathLike) -> tuple[np.ndarray, np.ndarray]:
@@ -154,8 +176,8 @@ def _read(path: PathLike) -> tuple[np.ndarray, np.ndarray]:
   try:
     img = nib.load(str(path))
     data = np.asarray(img.dataobj)
-  except (EOFError, OSError, zlib.error, gzip.BadGzipFile, ValueError,
-          nib.filebasedimages.ImageFileError) as e:
+  except (EOFError, OSError, OverflowError, zlib.error, gzip.BadGzipFile, ValueError,
+          nib.filebasedimages.ImageFileError, nib.spatialimages.HeaderDataError) as e:
     raise ProgressionError(f'{path}: cannot read NIfTI (corrupt or truncated file?): {e}') from None
   if not isinstance(img, (nib.Nifti1Image, nib.Nifti2Image)):
     raise ProgressionError(f'{path}: not a NIfTI image ({type(img).__name__})')
