@@ -1,0 +1,465 @@
+"""Procedural brain phantom: anatomy in world mm, labels, T1-like images, atrophy fields.
+
+The anatomy is defined in *reference millimetres* for an adult head (scalp 156 x 192 x 164 mm)
+and scaled so the head fills the field of view: `world_mm = scale * reference_mm`, with the
+head's longest (antero-posterior) semi-axis ~96 % of half the smallest field-of-view side. A
+64^3 grid of 2 mm voxels (128 mm cube) therefore holds a head ~0.64 x real size (brain ~320 mL
+instead of ~1200 mL; smaller than a real head, by design) with roughly real proportions:
+hippocampi ~0.65 % of the brain, lateral ventricles ~1.5-3 %, cortex ~48 %, extracerebral CSF
+~30 % of the intracranial volume. Shapes are analytic functions of world coordinates, so the
+same subject at another resolution with the same field of view is the same anatomy.
+
+Structures are (bent, rotated) ellipsoids painted in order (later wins): CSF 24 inside the
+skull, cortex ribbon 3/42 of gyrally varying thickness (with an interhemispheric fissure),
+cerebral WM 2/41, brainstem 16, thalami 10/49, hippocampi 17/53, amygdalae 18/54, inferior
+lateral ventricles 5/44, lateral ventricles 4/43. Skull and scalp carry label 0. Left/right
+ids follow the sign of the anatomical x coordinate (RAS+: x > 0 is the subject's right).
+
+Per-subject variation: head size, a smooth random low-frequency displacement of the whole
+anatomy (`Anatomy.warp_*`), jittered structure positions and sizes, diagnosis- and
+age-dependent hippocampal/ventricular size, cortical thickness and gyral pattern, tissue
+contrast. Intensities get partial-volume anti-aliasing (a linear ramp one voxel wide across
+each surface); labels use a fixed sub-voxel dither (`label_threshold`). `bias_field` and
+`rician` add scanner effects. The last section holds the atrophy deformation primitives
+(velocity fields on a coarse grid, scaling and squaring, upsampling, Jacobians) that
+`progression.synthetic` calibrates per subject.
+
+Coordinate and displacement arrays are component-first, `[3, x, y, z]` (mm), so each
+component is contiguous; label and image arrays are `[x, y, z]` in RAS+ voxel order.
+"""
+
+import dataclasses
+import functools
+import math
+from collections.abc import Sequence
+
+import numpy as np
+from scipy import ndimage
+
+from progression import labels as L
+
+# Reference semi-axes (mm) of the nested shells, all centred at the origin.
+HEAD_AXES = (78.0, 96.0, 82.0)
+SKULL_AXES = (73.0, 91.0, 77.0)
+ICV_AXES = (67.0, 85.0, 71.0)
+BRAIN_AXES = (61.0, 78.0, 63.0)
+# Reference mm from the centre to the field-of-view edge along its smallest side.
+REFERENCE_HALF_FOV = 100.0
+CORTEX_THICKNESS = 10.5  # Mean ribbon thickness (reference mm; folded cortex as a thick ribbon).
+FISSURE_HALF_WIDTH = 2.5
+# Relative T1 intensities (WM = 1).
+INTENSITY = {'scalp': 0.75, 'skull': 0.10, 'csf': 0.20, 'gm': 0.60, 'wm': 1.00,
+             'brainstem': 0.88, 'thalamus': 0.78, 'hippocampus': 0.62, 'amygdala': 0.63,
+             'ventricle': 0.18}
+SCANNER_UNITS = 1000.0  # Mean WM intensity of a rendered image.
+WINDOW = 1.25  # Local atrophy field window / structure semi-axes.
+COARSE_POINTS = 32  # Velocity grid points across the smallest field-of-view side (at most).
+
+# Deep structures of the right hemisphere (mirrored for the left), painted in this order:
+# name -> (left id, right id, centre, semi-axes, (yaw, pitch) degrees, bend 1/mm, intensity).
+_DEEP = (
+    ('thalamus', L.LEFT_THALAMUS, L.RIGHT_THALAMUS, (10., -12., 2.), (8., 14., 9.), (15., 0.),
+     0.0, 'thalamus'),
+    ('hippocampus', L.LEFT_HIPPOCAMPUS, L.RIGHT_HIPPOCAMPUS, (27., -20., -14.), (6.5, 19., 7.5),
+     (12., 25.), 0.0, 'hippocampus'),
+    ('amygdala', L.LEFT_AMYGDALA, L.RIGHT_AMYGDALA, (25., 5., -18.), (7.5, 7.5, 7.), (0., 0.),
+     0.0, 'amygdala'),
+    ('inferior_lateral_ventricle', L.LEFT_INF_LAT_VENTRICLE, L.RIGHT_INF_LAT_VENTRICLE,
+     (32., -19., -7.), (2.5, 15., 2.5), (12., 25.), 0.0, 'ventricle'),
+    ('lateral_ventricle', L.LEFT_LATERAL_VENTRICLE, L.RIGHT_LATERAL_VENTRICLE, (11., -2., 18.),
+     (6.5, 34., 8.), (-5., 0.), 0.008, 'ventricle'),
+)
+DEEP_NAMES = tuple(d[0] for d in _DEEP)
+_BRAINSTEM = ((0., -24., -42.), (12., 14., 32.), (0., 15.))
+
+
+@dataclasses.dataclass(frozen=True)
+class Ellipsoid:
+  """A solid ellipsoid in reference mm: centre, semi-axes, rotation (columns = local axes).
+
+  `bend` curves it: the local z is shifted by -bend * (local y)^2 (a banana, e.g. a ventricle).
+  """
+  center: np.ndarray
+  axes: np.ndarray
+  rotation: np.ndarray
+  bend: float = 0.0
+
+  def mirrored(self) -> 'Ellipsoid':
+    """The left/right mirror image (x -> -x)."""
+    flip = np.diag([-1.0, 1.0, 1.0])
+    return Ellipsoid(self.center * np.array([-1.0, 1.0, 1.0]), self.axes,
+                     flip @ self.rotation @ flip, self.bend)
+
+
+@dataclasses.dataclass(frozen=True)
+class Structure:
+  """A painted deep structure: ids and ellipsoids for the (left, right) sides."""
+  name: str
+  ids: tuple[int, int]
+  shapes: tuple[Ellipsoid, Ellipsoid]
+  intensity: float
+
+
+@dataclasses.dataclass(frozen=True)
+class Anatomy:
+  """One subject's phantom. Lengths in reference mm unless stated.
+
+  Attributes:
+    scale: world mm per reference mm (field of view and head size).
+    warp_k, warp_amp, warp_phase: smooth displacement u(p) = sum_k amp_k sin(k_k . p + phase_k)
+      ([K, 3] wave vectors in 1/mm, [K, 3] amplitudes in mm, [K] phases); anatomical
+      coordinates are r = p + u(p) with p = world_mm / scale.
+    brain, brainstem: ellipsoids; head, skull and intracranial shells are scaled by `shell`.
+    shell: per-axis factor on the head/skull/intracranial semi-axes (head shape).
+    cortex_thickness: mean ribbon thickness; gyri: (wave number 1/mm, relative amplitude,
+      three phases) of the thickness modulation.
+    deep: painted structures in order.
+    contrast: tissue name -> intensity relative to WM; gain: scanner units of WM.
+  """
+  scale: float
+  warp_k: np.ndarray
+  warp_amp: np.ndarray
+  warp_phase: np.ndarray
+  shell: np.ndarray
+  brain: Ellipsoid
+  brainstem: Ellipsoid
+  cortex_thickness: float
+  gyri: tuple[float, float, float, float, float]
+  deep: tuple[Structure, ...]
+  contrast: dict
+  gain: float
+
+
+def grid_affine(shape: tuple[int, int, int], voxel_mm: float) -> np.ndarray:
+  """RAS+ voxel -> world (mm) affine with isotropic `voxel_mm` voxels, grid centre at (0,0,0)."""
+  affine = np.diag([voxel_mm, voxel_mm, voxel_mm, 1.0])
+  affine[:3, 3] = -0.5 * (np.asarray(shape, dtype=np.float64) - 1.0) * voxel_mm
+  return affine
+
+
+def world_grid(shape: tuple[int, int, int], voxel_mm: float) -> np.ndarray:
+  """World coordinates (mm) of every voxel centre, `[3, x, y, z]` float32 (component first)."""
+  axes = [(np.arange(n) - 0.5 * (n - 1)) * voxel_mm for n in shape]
+  return np.stack(np.meshgrid(*axes, indexing='ij'), axis=0).astype(np.float32)
+
+
+def _rotation(yaw_deg: float, pitch_deg: float) -> np.ndarray:
+  """Local y axis turned toward +x by `yaw` and its +y end lowered by `pitch` (degrees)."""
+  yaw, pitch = np.deg2rad(yaw_deg), np.deg2rad(pitch_deg)
+  rz = np.array([[np.cos(yaw), np.sin(yaw), 0], [-np.sin(yaw), np.cos(yaw), 0], [0, 0, 1]])
+  rx = np.array([[1, 0, 0], [0, np.cos(pitch), np.sin(pitch)], [0, -np.sin(pitch), np.cos(pitch)]])
+  return rz @ rx
+
+
+def sample_anatomy(rng: np.random.Generator, fov_mm: float, diagnosis: str,
+                   age_years: float) -> Anatomy:
+  """Draws one subject's anatomy.
+
+  Args:
+    rng: the subject's generator (all randomness comes from it).
+    fov_mm: smallest side of the field of view (mm); sets `scale`.
+    diagnosis: 'CN', 'MCI' or 'AD' (AD: smaller hippocampi/amygdalae, larger ventricles,
+      thinner cortex, slightly smaller brain).
+    age_years: age at baseline; older subjects have larger ventricles and smaller hippocampi.
+  """
+  head = float(np.clip(rng.normal(1.0, 0.03), 0.92, 1.04))
+  scale = 0.5 * fov_mm / REFERENCE_HALF_FOV * head
+  n_modes = 4
+  direction = rng.normal(size=(n_modes, 3))
+  direction /= np.linalg.norm(direction, axis=1, keepdims=True)
+  warp_k = direction * (2 * np.pi / rng.uniform(90.0, 160.0, size=(n_modes, 1)))
+  warp_amp = rng.normal(0.0, 1.2, size=(n_modes, 3))
+  warp_phase = rng.uniform(0, 2 * np.pi, size=n_modes)
+  shell = np.clip(rng.normal(1.0, 0.02, size=3), 0.95, 1.05)
+
+  stage = {'CN': 0.0, 'MCI': 0.5, 'AD': 1.0}[diagnosis]
+  aging = np.clip((age_years - 72.0) / 10.0, -1.5, 2.0)
+  # Brain shrinks with age and disease inside a fixed skull (more CSF).
+  brain_factor = float(np.clip(1.0 - 0.012 * aging - 0.015 * stage + rng.normal(0, 0.01),
+                               0.93, 1.02))
+  brain = Ellipsoid(np.zeros(3), np.asarray(BRAIN_AXES) * shell * brain_factor, np.eye(3))
+  c, a, (yaw, pitch) = _BRAINSTEM
+  brainstem = Ellipsoid(np.asarray(c), np.asarray(a), _rotation(yaw, pitch))
+
+  # Volume factors (baseline) by structure: hippocampal atrophy and ventricular enlargement.
+  volume = {
+      'hippocampus': (1.0 - 0.22 * stage - 0.04 * aging) * np.exp(rng.normal(0, 0.07)),
+      'amygdala': (1.0 - 0.18 * stage - 0.03 * aging) * np.exp(rng.normal(0, 0.07)),
+      'lateral_ventricle': (1.0 + 0.45 * stage + 0.15 * aging) * np.exp(rng.normal(0, 0.2)),
+      'inferior_lateral_ventricle': (1.0 + 0.8 * stage + 0.2 * aging) * np.exp(
+          rng.normal(0, 0.2)),
+      'thalamus': (1.0 - 0.05 * stage) * np.exp(rng.normal(0, 0.05)),
+  }
+  deep = []
+  for name, left_id, right_id, center, axes, (yaw, pitch), bend, tissue in _DEEP:
+    shapes = []
+    for _ in range(2):  # left, right: independent jitter
+      size = max(volume[name], 0.3) ** (1 / 3) * np.exp(rng.normal(0, 0.03, size=3))
+      jitter = rng.normal(0, 1.0, size=3)
+      rot = _rotation(yaw + rng.normal(0, 3.0), pitch + rng.normal(0, 3.0))
+      shapes.append(Ellipsoid(np.asarray(center) + jitter, np.asarray(axes) * size, rot, bend))
+    shapes[0] = shapes[0].mirrored()
+    deep.append(Structure(name, (left_id, right_id), tuple(shapes), tissue))
+
+  thickness = CORTEX_THICKNESS * (1.0 - 0.07 * stage) * float(np.exp(rng.normal(0, 0.05)))
+  gyri = (2 * np.pi / rng.uniform(26.0, 34.0), 0.4, *rng.uniform(0, 2 * np.pi, size=3))
+  contrast = {k: v * float(np.exp(rng.normal(0, 0.02))) for k, v in INTENSITY.items()}
+  contrast['wm'] = 1.0
+  gain = SCANNER_UNITS * float(np.exp(rng.normal(0, 0.05)))
+  return Anatomy(scale, warp_k, warp_amp, warp_phase, shell, brain, brainstem, thickness,
+                 tuple(float(g) for g in gyri), tuple(deep), contrast, gain)
+
+
+def warp_offset(anat: Anatomy, p: np.ndarray) -> np.ndarray:
+  """The smooth shape displacement u(p) (reference mm) at reference positions `p` [3, ...]."""
+  u = np.zeros(p.shape, dtype=p.dtype)
+  for k, amp, phase in zip(anat.warp_k.tolist(), anat.warp_amp.tolist(),
+                           anat.warp_phase.tolist()):
+    s = np.sin(p[0] * k[0] + p[1] * k[1] + p[2] * k[2] + phase)
+    for i in range(3):
+      u[i] += amp[i] * s
+  return u
+
+
+def anatomical_coordinates(anat: Anatomy, world_mm: np.ndarray) -> np.ndarray:
+  """Maps world positions (mm, `[3, ...]`) to the subject's anatomical reference frame (mm)."""
+  p = (np.asarray(world_mm, dtype=np.float32) / np.float32(anat.scale))
+  return p + warp_offset(anat, p)
+
+
+def world_position(anat: Anatomy, reference_mm: np.ndarray) -> np.ndarray:
+  """Approximate inverse of `anatomical_coordinates` for points `[3, ...]` (fixed point, mm)."""
+  r = np.asarray(reference_mm, dtype=np.float64)
+  p = r.copy()
+  for _ in range(4):
+    p = r - warp_offset(anat, p).astype(np.float64)
+  return p * anat.scale
+
+
+def _ellipsoid_sdf(r: np.ndarray, e: Ellipsoid) -> np.ndarray:
+  """Approximate signed distance (mm, negative inside) to an ellipsoid: (rho - 1) / |grad rho|."""
+  q = [r[i] - np.float32(e.center[i]) if e.center[i] else r[i] for i in range(3)]
+  if not np.array_equal(e.rotation, np.eye(3)):
+    q = [q[0] * np.float32(e.rotation[0, j]) + q[1] * np.float32(e.rotation[1, j])
+         + q[2] * np.float32(e.rotation[2, j]) for j in range(3)]
+  if e.bend:
+    q[2] = q[2] + np.float32(e.bend) * q[1] * q[1]
+  rho2 = sum((q[j] / np.float32(e.axes[j])) ** 2 for j in range(3))
+  rho = np.sqrt(rho2)
+  grad = np.sqrt(sum((q[j] / np.float32(e.axes[j] ** 2)) ** 2 for j in range(3)))
+  grad = np.maximum(grad / np.maximum(rho, np.float32(1e-6)), np.float32(1.0 / max(e.axes)))
+  return (rho - 1.0) / grad
+
+
+def _scaled(e: Ellipsoid, axes: tuple[float, float, float], shell: np.ndarray) -> Ellipsoid:
+  return Ellipsoid(e.center, np.asarray(axes) * shell, e.rotation)
+
+
+def _bbox(r: np.ndarray, e: Ellipsoid, margin: float, stride: int) -> tuple[slice, ...] | None:
+  """Index box of the grid `r` [3, x, y, z] that can hold ellipsoid `e` (+ margin mm)."""
+  sub = r[:, ::stride, ::stride, ::stride]
+  reach = float(max(e.axes)) * (1.0 + abs(e.bend) * max(e.axes)) + margin
+  inside = sum((sub[i] - np.float32(e.center[i])) ** 2 for i in range(3)) < reach ** 2
+  if not inside.any():
+    return None
+  box = []
+  for axis in range(3):
+    hit = np.nonzero(inside.any(axis=tuple(a for a in range(3) if a != axis)))[0]
+    box.append(slice(max(0, (hit[0] - 1) * stride),
+                     min(r.shape[axis + 1], (hit[-1] + 2) * stride)))
+  return tuple(box)
+
+
+def render(anat: Anatomy, r: np.ndarray, voxel_mm: float,
+           with_intensity: bool = True) -> tuple[np.ndarray, np.ndarray | None]:
+  """Paints labels (and the noise-free, bias-free T1 model) at anatomical coordinates.
+
+  Args:
+    anat: the subject.
+    r: `[3, x, y, z]` anatomical coordinates (reference mm) of each voxel, from
+      `anatomical_coordinates` (of the grid, or of a deformed grid for a follow-up).
+    voxel_mm: voxel size (world mm); sets the anti-aliasing ramp width.
+    with_intensity: also render intensities (skip for label-only counting).
+
+  Returns:
+    (labels int16 `[x, y, z]`, intensities float32 `[x, y, z]` in scanner units or None).
+  """
+  ramp = np.float32(voxel_mm / anat.scale)
+  shape = r.shape[1:]
+  labels = np.zeros(shape, dtype=np.int16)
+  mu = np.zeros(shape, dtype=np.float32) if with_intensity else None
+  right = r[0] >= 0
+
+  threshold = label_threshold(tuple(shape)) * ramp
+
+  def paint(sdf, ids, tissue, box=(slice(None),) * 3):
+    inside = sdf < threshold[box]
+    if isinstance(ids, tuple):
+      labels[box][inside] = np.where(right[box][inside], ids[1], ids[0])
+    else:
+      labels[box][inside] = ids
+    if mu is not None:
+      alpha = np.clip(0.5 - sdf / ramp, 0.0, 1.0)
+      mu[box] += alpha * (np.float32(anat.contrast[tissue]) - mu[box])
+
+  if mu is not None:
+    paint(_ellipsoid_sdf(r, _scaled(anat.brain, HEAD_AXES, anat.shell)), 0, 'scalp')
+    paint(_ellipsoid_sdf(r, _scaled(anat.brain, SKULL_AXES, anat.shell)), 0, 'skull')
+  paint(_ellipsoid_sdf(r, _scaled(anat.brain, ICV_AXES, anat.shell)), L.CSF, 'csf')
+  x, y, z = r
+  brain_sdf = _ellipsoid_sdf(r, anat.brain)
+  # Interhemispheric fissure: a CSF slab above the corpus callosum, deeper at the poles.
+  bottom = 28.0 - 30.0 * np.clip((np.abs(y) - 30.0) / 25.0, 0.0, 1.0)
+  fissure = np.maximum(np.abs(x) - FISSURE_HALF_WIDTH, bottom - z)
+  hemi = np.maximum(brain_sdf, -fissure)
+  paint(hemi, (L.LEFT_CORTEX, L.RIGHT_CORTEX), 'gm')
+  k, amp, *phase = anat.gyri
+  folds = np.sin(k * x + phase[0]) * np.sin(k * y + phase[1]) * np.sin(k * z + phase[2])
+  thickness = np.float32(anat.cortex_thickness) * (1.0 + np.float32(amp) * folds)
+  paint(hemi + thickness, (L.LEFT_CEREBRAL_WM, L.RIGHT_CEREBRAL_WM), 'wm')
+  stride = 4
+  margin = 2.0 * stride * voxel_mm / anat.scale + 2.0
+  box = _bbox(r, anat.brainstem, margin, stride)  # Small structures: only inside their box.
+  if box is not None:
+    sdf = _ellipsoid_sdf(r[(slice(None),) + box], anat.brainstem)
+    paint(np.maximum(sdf, brain_sdf[box]), L.BRAINSTEM, 'brainstem', box)
+  for structure in anat.deep:
+    for side, shape_ in enumerate(structure.shapes):
+      box = _bbox(r, shape_, margin, stride)
+      if box is not None:
+        sdf = _ellipsoid_sdf(r[(slice(None),) + box], shape_)
+        paint(sdf, structure.ids[side], structure.intensity, box)
+  if mu is not None:
+    mu *= np.float32(anat.gain)
+  return labels, mu
+
+
+@functools.lru_cache(maxsize=4)
+def label_threshold(shape: tuple[int, int, int]) -> np.ndarray:
+  """Per-voxel label threshold in (-0.5, 0.5) voxels: a fixed low-discrepancy (R3) dither.
+
+  A voxel gets a structure's label when its signed distance is below `threshold * voxel`,
+  not below 0. On average this is the same boundary, but voxels at the same depth no longer
+  flip together, so label volumes follow small smooth deformations voxel by voxel instead of
+  in clumps (and boundaries look like a real segmentation's, +-half a voxel).
+  """
+  i, j, k = np.meshgrid(*[np.arange(n, dtype=np.float64) for n in shape], indexing='ij',
+                        sparse=True)
+  g = 1.2207440846057596  # Plastic-number root for 3D: R3 sequence constants 1/g^(1..3).
+  value = ((0.5 + i / g + j / g ** 2 + k / g ** 3) % 1.0 - 0.5).astype(np.float32)
+  value.flags.writeable = False
+  return value
+
+
+def bias_field(rng: np.random.Generator, shape: tuple[int, int, int],
+               strength: float = 0.08) -> np.ndarray:
+  """Smooth multiplicative bias exp(quadratic polynomial), ~1 +- `strength`; float32 [x,y,z]."""
+  coords = [np.linspace(-1.0, 1.0, n, dtype=np.float32) for n in shape]
+  x, y, z = np.meshgrid(*coords, indexing='ij', sparse=True)
+  terms = (x, y, z, x * y, x * z, y * z, x * x - 0.33, y * y - 0.33, z * z - 0.33)
+  coef = rng.normal(0.0, strength, size=len(terms)) * np.array([1.0] * 3 + [0.6] * 6)
+  log_bias = sum(np.float32(c) * t for c, t in zip(coef, terms))
+  return np.exp(np.broadcast_to(log_bias, shape)).astype(np.float32)
+
+
+def rician(rng: np.random.Generator, signal: np.ndarray, sigma: float) -> np.ndarray:
+  """Magnitude of `signal` plus complex Gaussian noise of std `sigma` per channel (float32)."""
+  real = signal + rng.standard_normal(signal.shape, dtype=np.float32) * np.float32(sigma)
+  imag = rng.standard_normal(signal.shape, dtype=np.float32) * np.float32(sigma)
+  return np.sqrt(real * real + imag * imag)
+
+
+# ------------------------------------------------------------- known atrophy deformation
+
+@dataclasses.dataclass(frozen=True)
+class CoarseGrid:
+  """Velocity grid: every `factor`-th voxel of the image grid (world mm, `[3, ...]`)."""
+  factor: int
+  spacing_mm: float
+  full_shape: tuple[int, int, int]
+  world: np.ndarray
+
+
+def coarse_grid(shape: tuple[int, int, int], voxel_mm: float) -> CoarseGrid:
+  """The velocity grid: spacing ~ smallest field-of-view side / 32, a multiple of the voxel."""
+  factor = max(1, int(min(shape) / COARSE_POINTS + 1e-6))
+  coarse = tuple(int(math.ceil((n - 1) / factor)) + 1 for n in shape)
+  axes = [(np.arange(c) * factor - 0.5 * (n - 1)) * voxel_mm for c, n in zip(coarse, shape)]
+  world = np.stack(np.meshgrid(*axes, indexing='ij'), axis=0).astype(np.float32)
+  return CoarseGrid(factor, factor * voxel_mm, tuple(shape), world)
+
+
+def velocity_basis(anat: Anatomy, grid: CoarseGrid,
+                   fields: Sequence[tuple[str, int] | None]) -> np.ndarray:
+  """Unit velocity fields (mm/year per unit coefficient), `[len(fields), 3, ...]` float32.
+
+  A field None is the whole-brain one: x - c times a window that is 1 inside the brain and
+  falls smoothly to 0 across the CSF shell (divergence 3 inside the brain; the skull does not
+  move). A field (structure name, side 0=left/1=right) is x - c times a Gaussian window
+  shaped like that structure's ellipsoid, `WINDOW` x its semi-axes (divergence ~3 at its
+  centre, the opposite sign around it).
+  """
+  x = grid.world
+  basis = np.zeros((len(fields),) + x.shape, dtype=np.float32)
+  r = anatomical_coordinates(anat, x)
+  rho = np.sqrt(sum((r[i] / np.float32(anat.brain.axes[i])) ** 2 for i in range(3)))
+  skull = float(np.min(np.asarray(ICV_AXES) * anat.shell / anat.brain.axes))
+  s = np.clip((rho - 1.0) / (skull - 1.0), 0.0, 1.0)
+  window = 1.0 - s * s * (3.0 - 2.0 * s)
+  structures = {s.name: s for s in anat.deep}
+  for j, field in enumerate(fields):
+    if field is None:
+      center = world_position(anat, anat.brain.center.reshape(3, 1))[:, 0]
+      basis[j] = window * (x - center.reshape(3, 1, 1, 1).astype(np.float32))
+      continue
+    shape = structures[field[0]].shapes[field[1]]
+    center = world_position(anat, shape.center.reshape(3, 1))[:, 0]
+    d = x - center.reshape(3, 1, 1, 1).astype(np.float32)
+    sigma = WINDOW * shape.axes * anat.scale
+    q2 = sum(((d[0] * shape.rotation[0, k] + d[1] * shape.rotation[1, k]
+               + d[2] * shape.rotation[2, k]) / sigma[k]) ** 2 for k in range(3))
+    basis[j] = np.exp(-0.5 * q2) * d
+  return basis
+
+
+def integrate(velocity: np.ndarray, years: float, grid: CoarseGrid) -> np.ndarray:
+  """Displacement (mm, coarse grid) of exp(years * velocity) by scaling and squaring.
+
+  The number of squarings keeps the initial step below 0.2 coarse voxels (at least 2).
+  """
+  d = velocity * np.float32(years)
+  peak = float(np.abs(d).max()) / grid.spacing_mm
+  steps = max(2, int(math.ceil(math.log2(max(peak, 1e-9) / 0.2))) + 1)
+  d = d / np.float32(2 ** steps)
+  index = np.indices(d.shape[1:], dtype=np.float32)
+  for _ in range(steps):
+    d = d + sample_linear(d, index + d / np.float32(grid.spacing_mm))
+  return d
+
+
+def sample_linear(field: np.ndarray, where: np.ndarray) -> np.ndarray:
+  """Trilinear samples of `field` [C, x, y, z] at voxel positions `where` [3, ...] (edge clamp)."""
+  return np.stack([ndimage.map_coordinates(c, where, order=1, mode='nearest') for c in field])
+
+
+def upsample(field: np.ndarray, grid: CoarseGrid) -> np.ndarray:
+  """Separable linear interpolation of a coarse `[C, ...]` field onto the image grid."""
+  if grid.factor == 1:
+    return field
+  for axis, n in enumerate(grid.full_shape, start=1):
+    position = np.arange(n, dtype=np.float64) / grid.factor
+    lower = np.minimum(position.astype(int), field.shape[axis] - 2)
+    weight = (position - lower).astype(np.float32)
+    shape = [1] * field.ndim
+    shape[axis] = n
+    weight = weight.reshape(shape)
+    field = (np.take(field, lower, axis=axis) * (1 - weight)
+             + np.take(field, lower + 1, axis=axis) * weight)
+  return field
+
+
+def jacobian_determinant(displacement: np.ndarray, voxel_mm: float) -> np.ndarray:
+  """det(I + grad u) of a displacement `[3, x, y, z]` (mm) by central differences."""
+  grad = np.stack([np.stack(np.gradient(displacement[i], voxel_mm), 0) for i in range(3)], 0)
+  jac = grad.transpose(2, 3, 4, 0, 1) + np.eye(3, dtype=grad.dtype)
+  return np.linalg.det(jac)

@@ -1,0 +1,537 @@
+"""Simulated longitudinal cohort whose true atrophy is known (Clinica BIDS + label maps).
+
+Each subject is a procedural phantom (`progression.phantom`) with clinical covariates. Its
+follow-ups are the baseline anatomy carried by a known smooth diffeomorphism phi_t = exp(t v):
+one stationary velocity field v (mm/year) per subject, a sum of
+- a whole-brain radial contraction, uniform inside the brain and fading to zero across the
+  CSF shell (the skull does not move; extracerebral CSF grows);
+- Gaussian-windowed radial contraction/expansion fields on each hippocampus, amygdala and
+  lateral ventricle (window = the structure's ellipsoid, 1.25 x its semi-axes),
+integrated by scaling and squaring on a coarse grid (~4 mm over a 128 mm field of view) and
+upsampled. The follow-up image at x renders the continuous phantom at phi_t^-1(x) (exact
+partial-volume rendering instead of resampling the baseline, so no interpolation blur), with
+the baseline's bias field and new Rician noise.
+
+Rates are compound: V(t) = V(0) (1 + rate/100)^t, the convention of
+`progression.evaluation.volumes.annualized_percent_change`. The coefficients of v are
+calibrated per subject by Newton steps on the volumes *measured on the rendered follow-up
+label maps* (log-linear least squares over the visits) until each controlled region is within
+about one voxel of its target (at most `MAX_NEWTON_STEPS`), so the written labels, the ground
+truth table and the target rates agree up to that voxel. Small structures on coarse grids are
+quantised: at 64^3 a hippocampus is ~130 voxels a side (per-subject measured rates within
+~0.4 %/year of the target), at 32^3 ~15 voxels, less than one voxel of CN loss a year, so the
+label volumes there carry the whole-brain and ventricle rates but not hippocampal ones. Targets (signed % per year, literature means: Barnes 2009, Sluimer 2008):
+hippocampus CN -1.4, MCI -2.75, AD -4.7; whole brain -0.5, -1.2, -1.9; lateral ventricles
++3, +7, +12; amygdala 0.85 x hippocampus; modulated by age (+1 % of the rate per year above
+the diagnosis mean age), APOE4 (+10 % per allele above the diagnosis mean) and a per-subject
+log-normal factor (~20 %); MCI converters progress 1.3 x, stable MCI 0.87 x.
+"""
+
+import dataclasses
+import json
+import math
+import multiprocessing
+import os
+import shutil
+import sys
+import tempfile
+import threading
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+import progression
+from progression import io
+from progression import labels as L
+from progression import phantom
+from progression.errors import ProgressionError
+
+DIAGNOSES = ('CN', 'MCI', 'AD')
+DIAGNOSIS_FRACTIONS = (0.40, 0.35, 0.25)
+RATES = {  # Region -> diagnosis -> mean annual change (signed %, compound).
+    'hippocampus': {'CN': -1.4, 'MCI': -2.75, 'AD': -4.7},
+    'amygdala': {'CN': -1.2, 'MCI': -2.35, 'AD': -4.0},
+    'lateral_ventricles': {'CN': 3.0, 'MCI': 7.0, 'AD': 12.0},
+    'whole_brain': {'CN': -0.5, 'MCI': -1.2, 'AD': -1.9},
+}
+_AGE_MEAN = {'CN': 72.0, 'MCI': 73.0, 'AD': 75.0}
+_APOE4_P = {'CN': (0.72, 0.25, 0.03), 'MCI': (0.50, 0.38, 0.12), 'AD': (0.35, 0.45, 0.20)}
+_CONVERTER_P, _CONVERTER_SPEED, _STABLE_SPEED = 0.3, 1.3, 0.87
+# Controlled targets: (region whose rate applies, label ids measured, velocity field).
+_TARGETS = (
+    ('whole_brain', L.REGIONS['whole_brain'], None),
+    ('hippocampus', (L.LEFT_HIPPOCAMPUS,), ('hippocampus', 0)),
+    ('hippocampus', (L.RIGHT_HIPPOCAMPUS,), ('hippocampus', 1)),
+    ('amygdala', (L.LEFT_AMYGDALA,), ('amygdala', 0)),
+    ('amygdala', (L.RIGHT_AMYGDALA,), ('amygdala', 1)),
+    ('lateral_ventricles', (L.LEFT_LATERAL_VENTRICLE,), ('lateral_ventricle', 0)),
+    ('lateral_ventricles', (L.RIGHT_LATERAL_VENTRICLE,), ('lateral_ventricle', 1)),
+)
+MAX_NEWTON_STEPS = 3
+NOISE_FRACTION = 0.03  # Rician noise std / WM intensity.
+
+
+@dataclasses.dataclass(frozen=True)
+class Visit:
+  """One session: time since baseline (years), age (years) and clinical scores."""
+  session: str
+  years: float
+  age_years: float
+  diagnosis: str
+  mmse: int
+  cdrsb: float
+
+
+@dataclasses.dataclass(frozen=True)
+class SubjectPlan:
+  """A subject's covariates, visits and true annual rates (region -> signed %/year)."""
+  index: int
+  participant_id: str
+  sex: str
+  education_years: int
+  apoe4: int
+  diagnosis: str
+  converter: bool
+  rates: dict
+  visits: tuple[Visit, ...]
+
+
+def visit_months(n_visits: int, interval_years: float) -> list[int]:
+  """Months since baseline of each visit: round(12 * k * interval_years)."""
+  return [int(round(12 * k * interval_years)) for k in range(n_visits)]
+
+
+def plan_cohort(n_subjects: int, n_visits: int, seed: int,
+                interval_years: float = 1.0) -> list[SubjectPlan]:
+  """Draws every subject's covariates and rates (diagnosis mix CN/MCI/AD ~ 40/35/25 %)."""
+  counts = np.floor(np.asarray(DIAGNOSIS_FRACTIONS) * n_subjects).astype(int)
+  remainder = np.asarray(DIAGNOSIS_FRACTIONS) * n_subjects - counts
+  counts[np.argsort(-remainder, kind='stable')[:n_subjects - counts.sum()]] += 1
+  diagnoses = np.repeat(DIAGNOSES, counts)
+  diagnoses = np.random.default_rng(np.random.SeedSequence([seed, 1])).permutation(diagnoses)
+  months = visit_months(n_visits, interval_years)
+  width = max(3, len(str(n_subjects)))
+  return [_plan_subject(i, f'sub-{i + 1:0{width}d}', str(dx), months, seed)
+          for i, dx in enumerate(diagnoses)]
+
+
+def _round_half(x: float) -> float:
+  return float(np.round(2 * x) / 2)
+
+
+def _plan_subject(index: int, participant_id: str, dx: str, months: list[int],
+                  seed: int) -> SubjectPlan:
+  rng = np.random.default_rng(np.random.SeedSequence([seed, 0, index, 0]))
+  age = float(np.clip(rng.normal(_AGE_MEAN[dx], 7.0), 60.0, 90.0))
+  sex = 'F' if rng.random() < 0.5 else 'M'
+  education = int(np.clip(round(rng.normal({'CN': 16.2, 'MCI': 15.8, 'AD': 15.1}[dx], 2.8)),
+                          6, 22))
+  apoe4 = int(rng.choice(3, p=_APOE4_P[dx]))
+  converter = dx == 'MCI' and rng.random() < _CONVERTER_P
+  speed = {'CN': 1.0, 'AD': 1.0, 'MCI': _CONVERTER_SPEED if converter else _STABLE_SPEED}[dx]
+  apoe_mean = float(np.dot(np.arange(3), _APOE4_P[dx]))
+  severity = rng.normal()  # Shared by all regions and the cognitive decline.
+  factor = speed * (1 + 0.01 * (age - _AGE_MEAN[dx])) * (1 + 0.1 * (apoe4 - apoe_mean))
+  factor *= math.exp(0.18 * severity - 0.18 ** 2 / 2)
+  rates = {region: by_dx[dx] * factor * math.exp(0.08 * rng.normal() - 0.08 ** 2 / 2)
+           for region, by_dx in RATES.items()}
+  rates['amygdala'] = rates['hippocampus'] * RATES['amygdala'][dx] / RATES['hippocampus'][dx]
+  conversion = rng.uniform(0.5, 4.0) if converter else math.inf
+  if dx == 'CN':
+    mmse0, cdr0 = float(rng.choice([28, 29, 30], p=[0.2, 0.35, 0.45])), float(
+        rng.choice([0.0, 0.5], p=[0.8, 0.2]))
+  elif dx == 'MCI':
+    mmse0 = float(np.clip(round(rng.normal(26.8, 1.6)), 24, 29))
+    cdr0 = float(np.clip(_round_half(rng.normal(1.6, 0.9)), 0.5, 4.0))
+  else:
+    mmse0 = float(np.clip(round(rng.normal(21.5, 3.0)), 15, 26))
+    cdr0 = float(np.clip(_round_half(rng.normal(5.5, 1.8)), 3.0, 10.0))
+  visits = []
+  for k, m in enumerate(months):
+    t = m / 12.0
+    visit_dx = 'AD' if t >= conversion else dx
+    before, after = min(t, conversion), max(0.0, t - conversion)
+    slope = {'CN': (0.1, 0.05), 'MCI': (0.6, 0.5), 'AD': (2.5, 1.6)}
+    decline = (slope[dx][0] * before + slope['AD'][0] * after) * factor / speed
+    worsening = (slope[dx][1] * before + slope['AD'][1] * after) * factor / speed
+    noise = (rng.normal(0, 0.7), rng.normal(0, 0.3)) if k else (0.0, 0.0)
+    mmse = int(np.clip(round(mmse0 - decline + noise[0]), 0, 30))
+    cdrsb = float(np.clip(_round_half(cdr0 + worsening + noise[1]), 0.0, 18.0)) + 0.0
+    visits.append(Visit(f'ses-M{m:03d}', t, round(age + t, 2), visit_dx, mmse, cdrsb))
+  return SubjectPlan(index, participant_id, sex, education, apoe4, dx, converter, rates,
+                     tuple(visits))
+
+
+# ------------------------------------------------------------------------- simulation
+
+def _target_counts(labels: np.ndarray) -> np.ndarray:
+  """Voxel counts of each controlled target (`_TARGETS`) in a label map."""
+  per_id = np.bincount(labels.ravel().astype(np.intp), minlength=64)
+  return np.array([per_id[list(ids)].sum() for _, ids, _ in _TARGETS], dtype=np.float64)
+
+
+def _gain_matrix(basis: np.ndarray, grid: phantom.CoarseGrid,
+                 labels: np.ndarray) -> np.ndarray:
+  """d log(volume_k) / dt per unit coefficient j at t = 0: mean divergence of field j on k.
+
+  The divergence (1/year) is taken on the coarse grid at the point nearest each voxel of k.
+  """
+  div = sum(np.gradient(basis[:, i], grid.spacing_mm, axis=i + 1) for i in range(3))
+  gain = np.zeros((len(_TARGETS), len(basis)))
+  for k, (_, ids, _) in enumerate(_TARGETS):
+    voxels = np.nonzero(np.isin(labels, ids))
+    if len(voxels[0]):
+      nearest = tuple(np.rint(v / grid.factor).astype(np.intp) for v in voxels)
+      gain[k] = div[(slice(None),) + nearest].mean(axis=1)
+  return gain
+
+
+def _pullbacks(coefficients, basis, grid, years: list[float]) -> list[np.ndarray]:
+  """Coarse displacements (mm) of phi_t^-1 = exp(-t v) for each follow-up time t (years).
+
+  A time that is the previous one plus the first is composed from those two maps
+  (phi_{t+t1}^-1 = phi_t^-1 o phi_t1^-1, as the stationary field implies); others are
+  integrated.
+  """
+  velocity = sum(np.float32(c) * b for c, b in zip(coefficients, basis))
+  index = np.indices(basis.shape[2:], dtype=np.float32)
+  maps = []
+  for k, t in enumerate(years):
+    if k and abs(t - years[k - 1] - years[0]) < 1e-9:
+      first = maps[0]
+      maps.append(first + phantom.sample_linear(maps[-1], index + first / grid.spacing_mm))
+    else:
+      maps.append(phantom.integrate(velocity, -t, grid))
+  return maps
+
+
+def _render_followups(anat, coefficients, basis, grid, world, years, voxel_mm, with_intensity):
+  """Per follow-up: (labels, intensities or None, displacement mm, anatomical coordinates)."""
+  followups = []
+  for coarse in _pullbacks(coefficients, basis, grid, years):
+    displacement = phantom.upsample(coarse, grid)
+    r = phantom.anatomical_coordinates(anat, world + displacement)
+    followups.append(phantom.render(anat, r, voxel_mm, with_intensity) + (displacement, r))
+  return followups
+
+
+def calibrate_followups(anat: phantom.Anatomy, world: np.ndarray, voxel_mm: float,
+                        baseline_labels: np.ndarray, years: list[float],
+                        rates: dict) -> list[tuple]:
+  """Renders the follow-ups with velocity coefficients fitted so volumes follow `rates`.
+
+  Newton iterations on the log-linear least-squares annual change of each controlled region
+  (measured on rendered label maps), with the first-order gain matrix; stops when every
+  region is within ~1 voxel of its target at the last visit, else keeps the best of
+  `MAX_NEWTON_STEPS`.
+
+  Returns:
+    per follow-up: (labels, intensities or None, displacement mm `[3,x,y,z]`, anatomical
+    coordinates `[3,x,y,z]`).
+  """
+  grid = phantom.coarse_grid(baseline_labels.shape, voxel_mm)
+  basis = phantom.velocity_basis(anat, grid, [f for _, _, f in _TARGETS])
+  gain = _gain_matrix(basis, grid, baseline_labels)
+  counts0 = _target_counts(baseline_labels)
+  active = np.flatnonzero(counts0 > 0)
+  times = np.asarray(years, dtype=np.float64)
+  target = np.array([math.log1p(rates[region] / 100.0) for region, _, _ in _TARGETS])
+  tolerance = 1.0 * times.max() / (times @ times) / np.maximum(counts0, 1.0)
+  coefficients = np.zeros(len(_TARGETS))
+  step = np.linalg.lstsq(gain[np.ix_(active, active)], target[active], rcond=None)[0]
+  best = None
+  for iteration in range(MAX_NEWTON_STEPS):
+    coefficients[active] += step
+    last = iteration == MAX_NEWTON_STEPS - 1  # Render intensities now: likely the keeper.
+    followups = _render_followups(anat, coefficients, basis, grid, world, years, voxel_mm, last)
+    counts = np.stack([_target_counts(f[0]) for f in followups])
+    measured = times @ np.log(np.maximum(counts, 0.5) / np.maximum(counts0, 1.0)) / (
+        times @ times)
+    error = (target - measured)[active]
+    score = float(np.sqrt(np.mean((error / tolerance[active]) ** 2)))
+    if best is None or score < best[0]:
+      best = (score, followups)
+    if np.all(np.abs(error) <= tolerance[active]):
+      break
+    step = np.linalg.lstsq(gain[np.ix_(active, active)], error, rcond=None)[0]
+  return best[1]
+
+
+def simulate_subject(plan: SubjectPlan, shape: tuple[int, int, int], voxel_mm: float,
+                     seed: int) -> list[dict]:
+  """Renders every visit of one subject.
+
+  Returns:
+    per visit: {'labels': int16 [x,y,z], 'image': int16 [x,y,z] (scanner units, WM ~1000),
+    'displacement': [3,x,y,z] float32 mm of phi_t^-1 - identity (zeros at baseline)}.
+  """
+  streams = np.random.SeedSequence([seed, 0, plan.index, 1]).spawn(2 + len(plan.visits))
+  anat = phantom.sample_anatomy(np.random.default_rng(streams[0]), min(shape) * voxel_mm,
+                                plan.diagnosis, plan.visits[0].age_years)
+  world = phantom.world_grid(shape, voxel_mm)
+  labels0, mu0 = phantom.render(anat, phantom.anatomical_coordinates(anat, world), voxel_mm)
+  scanner = np.random.default_rng(streams[1])
+  bias = phantom.bias_field(scanner, shape)
+  sigma = NOISE_FRACTION * anat.gain * float(np.exp(scanner.normal(0.0, 0.1)))
+  years = [v.years for v in plan.visits[1:]]
+  followups = calibrate_followups(anat, world, voxel_mm, labels0, years, plan.rates) if (
+      years) else []
+  visits = []
+  for k, stream in enumerate(streams[2:]):
+    if k == 0:
+      labels, mu, displacement = labels0, mu0, np.zeros_like(world)
+    else:
+      labels, mu, displacement, r = followups[k - 1]
+      if mu is None:
+        labels, mu = phantom.render(anat, r, voxel_mm)
+    noisy = phantom.rician(np.random.default_rng(stream), mu * bias, sigma)
+    image = np.clip(np.rint(noisy), 0, np.iinfo(np.int16).max).astype(np.int16)
+    visits.append({'labels': labels, 'image': image, 'displacement': displacement})
+  return visits
+
+
+# ------------------------------------------------------------------------- writing
+
+FORMAT_VERSION = 1
+RATE_REGIONS = tuple(RATES)  # Regions with a `<region>_annual_rate_pct` ground-truth column.
+
+
+def _parameters(n_subjects, shape, voxel_mm, n_visits, seed, interval_years) -> dict:
+  """Validated generation parameters (what `dataset_description.json` records)."""
+  def fail(field, value, why):
+    raise ProgressionError(f'make_cohort: {field}={value!r}: {why}')
+  if isinstance(n_subjects, bool) or not isinstance(n_subjects, (int, np.integer)) or (
+      n_subjects < 1):
+    fail('n_subjects', n_subjects, 'expected an integer >= 1')
+  try:
+    shape = tuple(int(n) for n in shape)
+  except (TypeError, ValueError):
+    fail('shape', shape, 'expected three integers (voxels)')
+  if len(shape) != 3 or min(shape) < 16:
+    fail('shape', shape, 'expected three integers >= 16 (voxels)')
+  if not (isinstance(voxel_mm, (int, float)) and math.isfinite(voxel_mm) and voxel_mm > 0):
+    fail('voxel_mm', voxel_mm, 'expected a positive number of mm')
+  if not isinstance(n_visits, (int, np.integer)) or n_visits < 1:
+    fail('n_visits', n_visits, 'expected an integer >= 1')
+  if not isinstance(seed, (int, np.integer)) or seed < 0:
+    fail('seed', seed, 'expected an integer >= 0')
+  if not (isinstance(interval_years, (int, float)) and math.isfinite(interval_years)
+          and interval_years > 0):
+    fail('visit_interval_years', interval_years, 'expected a positive number of years')
+  months = visit_months(int(n_visits), float(interval_years))
+  if len(set(months)) != len(months):
+    fail('visit_interval_years', interval_years,
+         f'visits fall in the same month {months}; sessions are named by months since baseline')
+  return {'n_subjects': int(n_subjects), 'shape': list(shape), 'voxel_mm': float(voxel_mm),
+          'n_visits': int(n_visits), 'seed': int(seed),
+          'visit_interval_years': float(interval_years), 'format_version': FORMAT_VERSION}
+
+
+def _anat_path(root: Path, subject: str, session: str, suffix: str) -> Path:
+  return root / subject / session / 'anat' / f'{subject}_{session}_{suffix}.nii.gz'
+
+
+def _make_subject(job: tuple) -> tuple[int, list[dict]]:
+  """Simulates and writes one subject (runs in a worker); returns its ground-truth rows."""
+  plan, params, root = job
+  shape, voxel_mm = tuple(params['shape']), params['voxel_mm']
+  affine = phantom.grid_affine(shape, voxel_mm)
+  voxel_ml = voxel_mm ** 3 / 1000.0
+  rows = []
+  for visit, result in zip(plan.visits, simulate_subject(plan, shape, voxel_mm, params['seed'])):
+    io.save_image(_anat_path(root, plan.participant_id, visit.session, 'T1w'), result['image'],
+                  affine, dtype=np.int16)
+    io.save_labels(_anat_path(root, plan.participant_id, visit.session, 'dseg'),
+                   result['labels'], affine)
+    per_id = np.bincount(result['labels'].ravel().astype(np.intp), minlength=64)
+    row = {'subject': plan.participant_id, 'session': visit.session,
+           'years_from_first': visit.years}
+    row.update({f'{name}_ml': float(per_id[list(ids)].sum()) * voxel_ml
+                for name, ids in L.REGIONS.items()})
+    row.update({f'{name}_annual_rate_pct': plan.rates[name] for name in RATE_REGIONS})
+    rows.append(row)
+  return plan.index, rows
+
+
+def _write_tables(root: Path, plans: list[SubjectPlan], rows: list[dict], params: dict) -> None:
+  lines = ['participant_id\tsex\teducation_level\tapoe4']
+  lines += [f'{p.participant_id}\t{p.sex}\t{p.education_years}\t{p.apoe4}' for p in plans]
+  (root / 'participants.tsv').write_text('\n'.join(lines) + '\n')
+  for p in plans:
+    lines = ['session_id\tage\tdiagnosis\tMMSE\tcdr_sb']
+    lines += [f'{v.session}\t{v.age_years:.2f}\t{v.diagnosis}\t{v.mmse}\t{v.cdrsb:.1f}'
+              for v in p.visits]
+    (root / p.participant_id / f'{p.participant_id}_sessions.tsv').write_text(
+        '\n'.join(lines) + '\n')
+  pd.DataFrame(rows).to_csv(root / 'ground_truth.tsv', sep='\t', index=False,
+                            float_format='%.6f')
+  description = {
+      'Name': 'progression synthetic longitudinal cohort', 'BIDSVersion': '1.9.0',
+      'DatasetType': 'raw',
+      'GeneratedBy': [{'Name': 'progression.synthetic', 'Version': progression.__version__}],
+      'ProgressionSynthetic': {
+          'parameters': params,
+          'mean_annual_rate_pct_by_diagnosis': RATES,
+          'notes': ('T1w: int16 scanner units (WM ~1000), bias field and Rician noise. dseg: '
+                    'FreeSurfer ids. ground_truth.tsv: <region>_ml counted on the dseg maps; '
+                    '<region>_annual_rate_pct: the subject\'s true compound annual change '
+                    '(signed %, V(t) = V(0) (1 + rate/100)^t). Anatomy is scaled to the field of '
+                    'view (progression.phantom).')}}
+  (root / 'dataset_description.json').write_text(json.dumps(description, indent=2) + '\n')
+
+
+def _is_complete(root: Path, params: dict) -> str | None:
+  """None when `root` is a complete cohort made with `params`, else why not."""
+  try:
+    recorded = json.loads((root / 'dataset_description.json').read_text())
+    recorded = recorded['ProgressionSynthetic']['parameters']
+  except (OSError, ValueError, KeyError, TypeError):
+    return 'it has no readable dataset_description.json from progression.synthetic'
+  if recorded != params:
+    diff = ', '.join(f'{k} {recorded.get(k)!r} there, {params[k]!r} requested'
+                     for k in params if recorded.get(k) != params[k])
+    return f'it was made with other parameters ({diff})'
+  plans = plan_cohort(params['n_subjects'], params['n_visits'], params['seed'],
+                      params['visit_interval_years'])
+  expected = [root / 'participants.tsv', root / 'ground_truth.tsv']
+  for p in plans:
+    expected.append(root / p.participant_id / f'{p.participant_id}_sessions.tsv')
+    for v in p.visits:
+      expected += [_anat_path(root, p.participant_id, v.session, s) for s in ('T1w', 'dseg')]
+  missing = [str(path) for path in expected if not path.is_file()]
+  return f'{len(missing)} files are missing, e.g. {missing[0]}' if missing else None
+
+
+def make_cohort(out_dir: str | os.PathLike, n_subjects: int,
+                shape: tuple[int, int, int] = (64, 64, 64), voxel_mm: float = 2.0,
+                n_visits: int = 3, seed: int = 0, visit_interval_years: float = 1.0,
+                progress: Callable[[int, int], None] | None = None,
+                workers: int | None = None) -> Path:
+  """Writes a simulated longitudinal cohort in Clinica's BIDS layout; returns its folder.
+
+  Layout: participants.tsv (participant_id, sex, education_level, apoe4);
+  sub-XXX/sub-XXX_sessions.tsv (session_id ses-M<months>, age, diagnosis, MMSE, cdr_sb);
+  sub-XXX/ses-MXXX/anat/sub-XXX_ses-MXXX_{T1w,dseg}.nii.gz; ground_truth.tsv (subject,
+  session, years_from_first, <region>_ml for each `labels.REGIONS`, <region>_annual_rate_pct);
+  dataset_description.json. Images are RAS+, `voxel_mm` isotropic voxels, centred at the
+  origin. The same arguments give byte-identical files (any number of workers).
+
+  Args:
+    out_dir: target folder; must be absent, empty, or a complete cohort made with the same
+      arguments (then it is returned untouched).
+    n_subjects: number of subjects (diagnoses CN/MCI/AD ~ 40/35/25 %).
+    shape: grid in voxels; voxel_mm: voxel edge (mm). The head fills the field of view.
+    n_visits: visits per subject, every `visit_interval_years` (years; sessions are named by
+      round(12 * years) months, and that rounded time is the simulated time).
+    seed: integer >= 0; subject i's data depend only on (seed, i, its diagnosis).
+    progress: called as progress(subjects_done, n_subjects).
+    workers: processes (default: the available CPUs, at most 8, for jobs of more than a few
+      seconds; else in-process).
+
+  Raises:
+    ProgressionError: for bad arguments or an `out_dir` holding something else.
+  """
+  params = _parameters(n_subjects, shape, voxel_mm, n_visits, seed, visit_interval_years)
+  out = Path(out_dir)
+  if out.exists() and (not out.is_dir() or any(out.iterdir())):
+    why = _is_complete(out, params) if out.is_dir() else 'it is a file'
+    if why is None:
+      return out
+    raise ProgressionError(f'{out}: refusing to write the cohort there: the folder is not empty '
+                           f'and {why}; choose another folder or delete it')
+  out.parent.mkdir(parents=True, exist_ok=True)
+  tmp = Path(tempfile.mkdtemp(prefix=f'{out.name}.tmp-', dir=out.parent))
+  try:
+    plans = plan_cohort(params['n_subjects'], params['n_visits'], params['seed'],
+                        params['visit_interval_years'])
+    jobs = [(plan, params, tmp) for plan in plans]
+    results = {}
+    for index, rows in _map(jobs, params, workers):
+      results[index] = rows
+      if progress is not None:
+        progress(len(results), len(plans))
+    _write_tables(tmp, plans, [row for i in sorted(results) for row in results[i]], params)
+    os.chmod(tmp, 0o777 & ~_umask())
+    try:
+      os.rename(tmp, out)
+    except OSError:
+      if out.is_dir() and _is_complete(out, params) is None:  # Made meanwhile by another run.
+        shutil.rmtree(tmp, ignore_errors=True)
+        return out
+      raise ProgressionError(f'{out}: appeared while the cohort was written; it is left as is '
+                             'and the new cohort was discarded') from None
+  except BaseException:
+    shutil.rmtree(tmp, ignore_errors=True)
+    raise
+  return out
+
+
+def _umask() -> int:
+  mask = os.umask(0)
+  os.umask(mask)
+  return mask
+
+
+def _map(jobs: list[tuple], params: dict, workers: int | None):
+  """Yields `_make_subject(job)` results, in a spawn-started process pool for big jobs."""
+  if workers is None:  # Auto: a pool only when it pays for its ~1 s start.
+    seconds = len(jobs) * params['n_visits'] * 0.15 * np.prod(params['shape']) / 64 ** 3
+    workers = min(len(os.sched_getaffinity(0)), 8) if seconds > 3.0 else 1
+  if workers <= 1 or len(jobs) < 2:
+    yield from map(_make_subject, jobs)
+    return
+  context = _pool_context()
+  if context is None:
+    yield from map(_make_subject, jobs)
+    return
+  with context.Pool(min(workers, len(jobs))) as pool:
+    yield from pool.imap_unordered(_make_subject, jobs)
+
+
+def _pool_context():
+  """fork when nothing else runs threads; spawn after JAX (its threads do not survive fork);
+  None (run serially) when spawn could not re-import the main script, e.g. `python -`."""
+  if 'jax' not in sys.modules and threading.active_count() == 1 and (
+      'fork' in multiprocessing.get_all_start_methods()):
+    return multiprocessing.get_context('fork')
+  main_file = getattr(sys.modules['__main__'], '__file__', None)
+  if main_file is not None and not os.path.isfile(main_file):
+    return None
+  return multiprocessing.get_context('spawn')
+
+
+def subject_rates(ground_truth: pd.DataFrame, region: str) -> pd.Series:
+  """Per subject, the measured compound annual % change of `region` (log-linear LS fit).
+
+  100 (exp(sum t log(V_t / V_0) / sum t^2) - 1) over the follow-ups t (years) of each subject,
+  from the `<region>_ml` column; NaN for subjects with one visit.
+  """
+  def rate(group):
+    group = group.sort_values('years_from_first')
+    t = group.years_from_first.to_numpy()[1:] - group.years_from_first.iloc[0]
+    v = group[f'{region}_ml'].to_numpy()
+    if len(t) == 0 or v[0] <= 0:
+      return float('nan')
+    return 100.0 * math.expm1(float(t @ np.log(np.maximum(v[1:], 1e-9) / v[0]) / (t @ t)))
+  return ground_truth.groupby('subject').apply(rate, include_groups=False)
+
+
+def summarize_cohort(root: str | os.PathLike) -> pd.DataFrame:
+  """Per baseline diagnosis: subjects, and mean measured vs target annual % change.
+
+  Columns: subjects, then `<region>_measured` and `<region>_target` (% per year, signed) for
+  each of `RATE_REGIONS`. Reads ground_truth.tsv and the sessions tables directly.
+  """
+  root = Path(root)
+  truth = pd.read_csv(root / 'ground_truth.tsv', sep='\t')
+  diagnosis = {s: pd.read_csv(root / s / f'{s}_sessions.tsv', sep='\t').diagnosis.iloc[0]
+               for s in truth.subject.unique()}
+  table = pd.DataFrame({'diagnosis': pd.Series(diagnosis)})
+  for region in RATE_REGIONS:
+    table[f'{region}_measured'] = subject_rates(truth, region)
+    table[f'{region}_target'] = truth.groupby('subject')[f'{region}_annual_rate_pct'].first()
+  summary = table.groupby('diagnosis').mean()
+  summary.insert(0, 'subjects', table.groupby('diagnosis').size())
+  return summary.reindex([d for d in DIAGNOSES if d in summary.index])
