@@ -6,6 +6,8 @@ flips) and the volumetric evaluation all agree.
 
 import types
 
+import numpy as np
+
 BACKGROUND = 0
 LEFT_CEREBRAL_WM = 2
 LEFT_CORTEX = 3
@@ -55,3 +57,30 @@ REGIONS: types.MappingProxyType = types.MappingProxyType({
 # Optional extension of the lateral ventricles with the inferior lateral horns.
 LATERAL_VENTRICLES_WITH_INFERIOR = (LEFT_LATERAL_VENTRICLE, RIGHT_LATERAL_VENTRICLE,
                                     LEFT_INF_LAT_VENTRICLE, RIGHT_INF_LAT_VENTRICLE)
+
+# Label ids the models see as classes (index = position); ids not listed become class 0.
+CLASS_IDS: tuple[int, ...] = (
+    BACKGROUND, LEFT_CEREBRAL_WM, LEFT_CORTEX, LEFT_LATERAL_VENTRICLE, LEFT_INF_LAT_VENTRICLE,
+    LEFT_THALAMUS, THIRD_VENTRICLE, FOURTH_VENTRICLE, BRAINSTEM, LEFT_HIPPOCAMPUS,
+    LEFT_AMYGDALA, CSF, RIGHT_CEREBRAL_WM, RIGHT_CORTEX, RIGHT_LATERAL_VENTRICLE,
+    RIGHT_INF_LAT_VENTRICLE, RIGHT_THALAMUS, RIGHT_HIPPOCAMPUS, RIGHT_AMYGDALA)
+NUM_CLASSES = len(CLASS_IDS)
+
+
+def ids_to_classes(label_ids: np.ndarray) -> np.ndarray:
+  """Maps a FreeSurfer label map to class indices into `CLASS_IDS` (uint8; unknown ids -> 0)."""
+  lookup = np.zeros(max(CLASS_IDS) + 1, dtype=np.uint8)
+  lookup[list(CLASS_IDS)] = np.arange(NUM_CLASSES, dtype=np.uint8)
+  ids = np.asarray(label_ids)
+  inside = (ids >= 0) & (ids < lookup.size)
+  return np.where(inside, lookup[np.clip(ids, 0, lookup.size - 1)], 0).astype(np.uint8)
+
+
+def classes_to_ids(classes: np.ndarray) -> np.ndarray:
+  """Inverse of `ids_to_classes` for class-index maps (int32 FreeSurfer ids)."""
+  return np.asarray(CLASS_IDS, dtype=np.int32)[np.asarray(classes)]
+
+
+def left_right_class_permutation() -> np.ndarray:
+  """Class index -> class index of the mirrored structure (for left-right flips)."""
+  return np.array([CLASS_IDS.index(LEFT_RIGHT_SWAP.get(i, i)) for i in CLASS_IDS], dtype=np.uint8)

@@ -1,0 +1,65 @@
+"""Default configuration: every field of an experiment is declared and explained here once.
+
+Variants (synthetic_small.py, demo.py) import this and change a few fields.
+Units are in the names or comments: years, mm, voxels.
+"""
+
+import ml_collections
+
+
+def get_config() -> ml_collections.ConfigDict:
+  """Returns the default experiment configuration."""
+  config = ml_collections.ConfigDict()
+  config.seed = 0  # Seeds parameter init, data order and augmentation.
+
+  # Which cohort to train on (see cohorts/*.toml) and how subjects are split.
+  config.cohort = ml_collections.ConfigDict()
+  config.cohort.spec = 'synthetic'  # Name in cohorts/ or a path to a .toml spec.
+  config.cohort.root = ''  # Folder of the cohort on disk; required.
+  config.cohort.split_fractions = (0.6, 0.2, 0.2)  # train/val/test, by subject.
+  config.cohort.split_seed = 0  # Subject split is a function of this seed only.
+
+  # The experiment grid every image is resampled onto (RAS+, centred on the brain).
+  config.grid = ml_collections.ConfigDict()
+  config.grid.shape = (64, 64, 64)  # Voxels; divisible by 2**(len(features)-1).
+  config.grid.voxel_size_mm = (2.0, 2.0, 2.0)
+
+  # Generator: U-Net -> stationary velocity field (voxels/year) -> exp(years * v).
+  config.model = ml_collections.ConfigDict()
+  config.model.features = (16, 32, 64)  # Channels per U-Net level.
+  config.model.velocity_downsize = 2  # Velocity grid = image grid / this (smooth anyway; 8x cheaper).
+  config.model.num_squarings = 7  # Scaling-and-squaring steps of the exponential.
+  config.model.max_velocity_voxels_per_year = 2.0  # tanh bound on |v| per component.
+  config.model.intensity_residual = False  # Extra head for contrast change; off by default.
+  config.model.conv_impl = 'auto'  # 'auto' | 'depth_taps' (fast on CPU) | 'native'.
+  config.model.dtype = 'float32'  # Compute dtype; 'bfloat16' on GPU. Params stay float32.
+
+  # Loss weights (0 disables a term).
+  config.loss = ml_collections.ConfigDict()
+  config.loss.image = 1.0  # MSE between predicted and real follow-up (normalised intensities).
+  config.loss.ncc = 0.0  # Local normalised cross-correlation (1 - NCC).
+  config.loss.smoothness = 0.01  # Mean squared spatial gradient of the velocity field.
+  config.loss.dice = 0.1  # Soft Dice of warped baseline labels vs follow-up labels.
+  config.loss.folding = 1.0  # Penalty on negative Jacobian determinants.
+
+  # Optimiser: AdamW with linear warmup then cosine decay, global-norm clipping.
+  config.optim = ml_collections.ConfigDict()
+  config.optim.learning_rate = 1e-3
+  config.optim.warmup_steps = 50
+  config.optim.weight_decay = 1e-4
+  config.optim.grad_clip_norm = 1.0
+
+  # Augmentation (training only, on the host, seeded per step and sample).
+  config.augment = ml_collections.ConfigDict()
+  config.augment.intensity_jitter = 0.05  # Std of a random gain/offset on both images.
+  config.augment.flip_lr_prob = 0.5  # Left-right flip; label ids swapped left<->right.
+
+  # Loop.
+  config.per_device_batch_size = 1
+  config.num_steps = 2000
+  config.log_every_steps = 10
+  config.eval_every_steps = 200
+  config.checkpoint_every_steps = 200
+  config.keep_checkpoints = 3
+  config.prefetch_batches = 2  # Batches prepared ahead by a background thread.
+  return config

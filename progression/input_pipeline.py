@@ -1,0 +1,203 @@
+"""Pairs table -> preprocessed arrays on the experiment grid -> sharded, prefetched batches.
+
+Data-order determinism (what makes resume-after-kill bit-identical):
+  The training stream is the concatenation of per-epoch permutations of the training
+  pairs, epoch `e` permuted by `numpy.random.default_rng([seed, e])`. The global batch of
+  step `s` is stream positions `[s*G, (s+1)*G)` (G = global batch size) and process `p`
+  takes the contiguous slice `[s*G + p*L, s*G + (p+1)*L)` (L = local batch). The
+  augmentation of position `q` is drawn from `default_rng([seed, 1, q])`. So a batch is a
+  pure function of (seed, step, process layout): restarting at step s replays exactly the
+  batches an uninterrupted run would have seen, and one process with G examples sees the
+  same global batch as two processes with G/2 each.
+
+Both images of a pair are resampled around the brain centre of the *baseline*, so the
+pair stays aligned (cohorts are assumed to be in a common space, e.g. rigidly registered
+to the baseline or to MNI). Preprocessed visits are cached as .npz files per grid.
+"""
+
+import hashlib
+import queue
+import threading
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import pandas as pd
+
+from progression import cohort, covariates, io, labels, preprocess
+from progression.errors import ProgressionError
+
+Batch = dict[str, np.ndarray]
+
+
+class PairDataset:
+  """Random access to preprocessed (baseline, follow-up) pairs on one experiment grid."""
+
+  def __init__(self, pairs: pd.DataFrame, grid: preprocess.Grid, cache_dir: str | Path,
+               normalizer: covariates.CovariateNormalizer):
+    if len(pairs) == 0:
+      raise ProgressionError('no pairs to load: the split is empty')
+    self.pairs = pairs.reset_index(drop=True)
+    self.grid = grid
+    self.cache_dir = Path(cache_dir)
+    self.has_labels = bool(self.pairs['baseline_labels'].notna().all()
+                           and self.pairs['followup_labels'].notna().all())
+    self._covariates = covariates.encode_many(
+        [cohort.covariates_of(row) for _, row in self.pairs.iterrows()], normalizer)
+
+  def __len__(self) -> int:
+    return len(self.pairs)
+
+  def example(self, index: int) -> Batch:
+    """Arrays of pair `index` (no batch axis): images `[x, y, z, 1]`, labels `[x, y, z]`."""
+    row = self.pairs.iloc[index]
+    baseline = self._visit(row['baseline_image'], row['baseline_labels'], None)
+    center = baseline['center_mm']
+    followup = self._visit(row['followup_image'], row['followup_labels'], center)
+    if baseline['image'].shape != followup['image'].shape:
+      raise ProgressionError(f'{row["followup_image"]}: grid differs from its baseline')
+    example = {
+        'baseline': baseline['image'][..., None],
+        'followup': followup['image'][..., None],
+        'years': np.float32(row['interval_years']),
+        'covariates': self._covariates[index],
+    }
+    if self.has_labels:
+      example['baseline_labels'] = baseline['classes']
+      example['followup_labels'] = followup['classes']
+    return example
+
+  def _visit(self, image_path: str, labels_path, center_mm) -> dict[str, np.ndarray]:
+    use_labels = self.has_labels and isinstance(labels_path, str)
+    key = f'{image_path}|{labels_path if use_labels else ""}|{self.grid}|{center_mm}'
+    cache = self.cache_dir / (hashlib.sha1(key.encode()).hexdigest()[:20] + '.npz')
+    if cache.is_file():
+      with np.load(cache) as f:
+        return dict(f)
+    arrays = self._preprocess(image_path, labels_path if use_labels else None, center_mm)
+    self.cache_dir.mkdir(parents=True, exist_ok=True)
+    tmp = cache.with_suffix(f'.tmp{threading.get_ident()}.npz')
+    np.savez(tmp, **arrays)
+    tmp.replace(cache)
+    return arrays
+
+  def _preprocess(self, image_path: str, labels_path: str | None, center_mm):
+    image = io.load_image(image_path)
+    label_map = io.load_labels(labels_path) if labels_path else None
+    if center_mm is None:
+      center_mm = preprocess.brain_center_mm(image)
+    gridded = preprocess.to_grid(image, self.grid, labels=label_map, center_mm=center_mm)
+    arrays = {'image': gridded.image.astype(np.float32),
+              'center_mm': np.asarray(center_mm, np.float64)}
+    if label_map is not None:
+      arrays['classes'] = labels.ids_to_classes(gridded.labels)
+    return arrays
+
+
+def augment(example: Batch, rng: np.random.Generator, intensity_jitter: float,
+            flip_lr_prob: float) -> Batch:
+  """Same random gain/offset on both images; left-right flip with label classes swapped.
+
+  The x axis is R in RAS+, so a flip mirrors left and right: label classes are
+  permuted so a left hippocampus becomes a right one.
+  """
+  out = dict(example)
+  gain = 1.0 + intensity_jitter * rng.standard_normal()
+  offset = intensity_jitter * rng.standard_normal()
+  for key in ('baseline', 'followup'):
+    out[key] = (example[key] * gain + offset).astype(np.float32)
+  if rng.random() < flip_lr_prob:
+    permutation = labels.left_right_class_permutation()
+    for key in ('baseline', 'followup'):
+      out[key] = np.ascontiguousarray(out[key][::-1])
+    for key in ('baseline_labels', 'followup_labels'):
+      if key in out:
+        out[key] = np.ascontiguousarray(permutation[out[key][::-1]])
+  return out
+
+
+def stream_indices(positions: np.ndarray, num_examples: int, seed: int) -> np.ndarray:
+  """Dataset index at each stream position (per-epoch seeded permutations, see module doc)."""
+  epochs = positions // num_examples
+  out = np.empty_like(positions)
+  for epoch in np.unique(epochs):
+    permutation = np.random.default_rng([seed, int(epoch)]).permutation(num_examples)
+    chosen = epochs == epoch
+    out[chosen] = permutation[positions[chosen] % num_examples]
+  return out
+
+
+def local_positions(step: int, global_batch: int, process_index: int,
+                    process_count: int) -> np.ndarray:
+  """Stream positions this process loads at `step`."""
+  local = global_batch // process_count
+  start = step * global_batch + process_index * local
+  return np.arange(start, start + local)
+
+
+def train_batch(dataset: PairDataset, step: int, *, global_batch: int, seed: int,
+                process_index: int = 0, process_count: int = 1,
+                intensity_jitter: float = 0.0, flip_lr_prob: float = 0.0) -> Batch:
+  """The host-local batch `[local_batch, ...]` of training step `step` (deterministic)."""
+  positions = local_positions(step, global_batch, process_index, process_count)
+  indices = stream_indices(positions, len(dataset), seed)
+  examples = [augment(dataset.example(int(i)), np.random.default_rng([seed, 1, int(q)]),
+                      intensity_jitter, flip_lr_prob)
+              for i, q in zip(indices, positions)]
+  return stack(examples)
+
+
+def eval_batches(dataset: PairDataset, local_batch: int, process_index: int = 0,
+                 process_count: int = 1) -> Iterator[Batch]:
+  """All pairs once, this process's share, padded to full batches with `mask` = 0."""
+  global_batch = local_batch * process_count
+  num_steps = -(-len(dataset) // global_batch)
+  for step in range(num_steps):
+    positions = local_positions(step, global_batch, process_index, process_count)
+    examples = []
+    for q in positions:
+      example = dataset.example(int(min(q, len(dataset) - 1)))
+      examples.append({**example, 'mask': np.float32(q < len(dataset))})
+    yield stack(examples)
+
+
+def stack(examples: list[Batch]) -> Batch:
+  return {k: np.stack([e[k] for e in examples]) for k in examples[0]}
+
+
+def prefetch(iterator: Iterator[Batch], size: int) -> Iterator[Batch]:
+  """Runs `iterator` in a background thread, `size` items ahead; re-raises its errors."""
+  if size <= 0:
+    yield from iterator
+    return
+  items: queue.Queue = queue.Queue(maxsize=size)
+  done = object()
+  stop = threading.Event()
+
+  def produce():
+    try:
+      for item in iterator:
+        while not stop.is_set():
+          try:
+            items.put(item, timeout=0.1)
+            break
+          except queue.Full:
+            continue
+        if stop.is_set():
+          return
+      items.put(done)
+    except BaseException as e:  # Handed to the consumer, which re-raises it.
+      items.put(e)
+
+  thread = threading.Thread(target=produce, daemon=True)
+  thread.start()
+  try:
+    while True:
+      item = items.get()
+      if item is done:
+        return
+      if isinstance(item, BaseException):
+        raise item
+      yield item
+  finally:
+    stop.set()

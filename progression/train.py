@@ -1,0 +1,228 @@
+"""Training recipe: cohort -> datasets -> model -> optimiser -> pmapped steps -> loop.
+
+`train_and_evaluate(config, workdir)` is the one entry point (launchers, notebooks and
+tests call it). Resuming is the default: when `workdir` holds a finished checkpoint the
+run continues from it, with the data order replayed exactly (see input_pipeline).
+"""
+
+import dataclasses
+import functools
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+import pandas as pd
+from absl import logging
+
+from progression import (checkpoints, cohort, covariates, input_pipeline, metric_writers,
+                         parallel, preprocess, steps)
+from progression.errors import ProgressionError
+from progression.models import generator
+
+
+@dataclasses.dataclass(frozen=True)
+class ExperimentData:
+  """The pairs of each split and the covariate normaliser fitted on the training split."""
+  train: pd.DataFrame
+  val: pd.DataFrame
+  test: pd.DataFrame
+  normalizer: covariates.CovariateNormalizer
+  grid: preprocess.Grid
+
+
+def grid_from_config(config: ml_collections.ConfigDict) -> preprocess.Grid:
+  return preprocess.Grid(shape=tuple(int(s) for s in config.grid.shape),
+                         voxel_size_mm=tuple(float(v) for v in config.grid.voxel_size_mm))
+
+
+def load_experiment_data(config: ml_collections.ConfigDict) -> ExperimentData:
+  """Reads the cohort named by the config, splits it by subject and fits the normaliser."""
+  if not config.cohort.root:
+    raise ProgressionError('config.cohort.root: set the folder of the cohort '
+                           '(e.g. --config.cohort.root=/data/cohort)')
+  spec = cohort.load_spec(config.cohort.spec)
+  pairs = cohort.make_pairs(cohort.read_visits(spec, config.cohort.root))
+  split_of = cohort.split_subjects(sorted(pairs['subject'].unique()),
+                                   tuple(config.cohort.split_fractions),
+                                   seed=config.cohort.split_seed)
+  by_split = {name: pairs[pairs['subject'].map(split_of) == name].reset_index(drop=True)
+              for name in ('train', 'val', 'test')}
+  if len(by_split['train']) == 0:
+    raise ProgressionError(f'{config.cohort.root}: the training split has no pairs')
+  normalizer = covariates.fit_normalizer(
+      [cohort.covariates_of(row) for _, row in by_split['train'].iterrows()])
+  return ExperimentData(**by_split, normalizer=normalizer, grid=grid_from_config(config))
+
+
+def create_model(config: ml_collections.ConfigDict) -> generator.ProgressionGenerator:
+  """The generator described by `config.model` (also used by the Forecaster)."""
+  m = config.model
+  return generator.ProgressionGenerator(
+      features=tuple(m.features), cond_dim=covariates.ENCODED_DIM,
+      downsize=m.velocity_downsize, num_squarings=m.num_squarings,
+      max_velocity_voxels_per_year=m.max_velocity_voxels_per_year,
+      intensity_residual=m.intensity_residual, conv_impl=m.conv_impl,
+      dtype=jnp.dtype(m.dtype))
+
+
+def learning_rate_schedule(config: ml_collections.ConfigDict) -> optax.Schedule:
+  """Linear warmup to `optim.learning_rate`, then cosine decay to 0 at `num_steps`."""
+  warmup = max(1, min(config.optim.warmup_steps, config.num_steps - 1))
+  return optax.warmup_cosine_decay_schedule(
+      init_value=0.0, peak_value=config.optim.learning_rate, warmup_steps=warmup,
+      decay_steps=max(config.num_steps, warmup + 1))
+
+
+def create_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
+  return optax.chain(
+      optax.clip_by_global_norm(config.optim.grad_clip_norm),
+      optax.adamw(learning_rate_schedule(config), weight_decay=config.optim.weight_decay))
+
+
+def create_train_state(config: ml_collections.ConfigDict, rng: jax.Array) -> steps.TrainState:
+  """Initialises parameters on a dummy batch of the experiment grid (host, unreplicated)."""
+  model = create_model(config)
+  shape = (1, *config.grid.shape, 1)
+  params = jax.jit(model.init)(rng, jnp.zeros(shape, jnp.float32), jnp.zeros((1,), jnp.float32),
+                               jnp.zeros((1, covariates.ENCODED_DIM), jnp.float32))['params']
+  return steps.TrainState.create(apply_fn=model.apply, params=params,
+                                 tx=create_optimizer(config))
+
+
+def loss_weights(config: ml_collections.ConfigDict) -> dict[str, float]:
+  return {k: float(v) for k, v in config.loss.items()}
+
+
+def experiment_metadata(config: ml_collections.ConfigDict, data: ExperimentData) -> dict:
+  """What a checkpoint must carry to resume or forecast without the training code's state."""
+  return {
+      'config': json.loads(config.to_json()),
+      'cohort': {'spec': config.cohort.spec, 'root': str(config.cohort.root)},
+      'grid': {'shape': list(data.grid.shape), 'voxel_size_mm': list(data.grid.voxel_size_mm)},
+      'normalizer': data.normalizer.to_dict(),
+      'num_pairs': {'train': len(data.train), 'val': len(data.val), 'test': len(data.test)},
+  }
+
+
+def check_resumable(saved: dict, config: ml_collections.ConfigDict, where: Path) -> None:
+  """Refuses to resume a checkpoint whose grid or model differ from `config`."""
+  current = json.loads(config.to_json())
+  for section in ('grid', 'model'):
+    if saved['config'][section] != current[section]:
+      raise ProgressionError(
+          f'{where}: checkpoint was trained with {section}={saved["config"][section]}, '
+          f'config has {current[section]}; use another --workdir')
+
+
+def evaluate(p_eval_step, rstate, dataset: input_pipeline.PairDataset, local_batch: int) -> dict:
+  """Mean of each metric over all pairs of `dataset` (padding masked out)."""
+  sums: dict[str, float] = {}
+  for batch in input_pipeline.eval_batches(dataset, local_batch, jax.process_index(),
+                                           jax.process_count()):
+    totals = parallel.unreplicate(p_eval_step(rstate, parallel.shard_batch(batch)))
+    for k, v in totals.items():
+      sums[k] = sums.get(k, 0.0) + float(v)
+  count = sums.pop('count')
+  return {k: v / count for k, v in sums.items()}
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path
+                       ) -> steps.TrainState:
+  """Trains (or resumes) the generator described by `config`, writing into `workdir`.
+
+  Returns the final state on the host. Raises ProgressionError on bad inputs and when
+  the loss becomes non-finite (the last good checkpoint is kept).
+  """
+  workdir = Path(workdir).absolute()
+  workdir.mkdir(parents=True, exist_ok=True)
+  data = load_experiment_data(config)
+  local_batch = config.per_device_batch_size * jax.local_device_count()
+  global_batch = local_batch * jax.process_count()
+  cache_dir = workdir / 'cache' / 'x'.join(map(str, data.grid.shape))
+  train_set = input_pipeline.PairDataset(data.train, data.grid, cache_dir, data.normalizer)
+  val_set = (input_pipeline.PairDataset(data.val, data.grid, cache_dir, data.normalizer)
+             if len(data.val) else None)
+  if train_set.has_labels is False and config.loss.dice > 0:
+    logging.warning('no label maps in the cohort: the Dice loss term is disabled')
+    config = _with_loss(config, dice=0.0)
+
+  rng = jax.random.PRNGKey(config.seed)
+  state = create_train_state(config, rng)
+  checkpointer = checkpoints.Checkpointer(checkpoints.checkpoint_dir(workdir),
+                                          keep=config.keep_checkpoints)
+  metadata = experiment_metadata(config, data)
+  if checkpointer.latest_step() is not None:
+    check_resumable(checkpointer.restore_metadata(), config, checkpointer.directory)
+    state, _ = checkpointer.restore(state)
+    logging.info('resumed from %s at step %d', checkpointer.directory, int(state.step))
+  start_step = int(state.step)
+
+  weights = loss_weights(config)
+  p_train_step = parallel.pmap_train_step(functools.partial(steps.train_step,
+                                                            loss_weights=weights))
+  p_eval_step = parallel.pmap_eval_step(functools.partial(steps.eval_step,
+                                                          loss_weights=weights))
+  rstate = parallel.replicate(state)
+  rrng = parallel.replicate(jax.random.fold_in(rng, 1))
+  writer = metric_writers.MetricWriter(workdir)
+  batches = input_pipeline.prefetch(
+      (input_pipeline.train_batch(
+          train_set, step, global_batch=global_batch, seed=config.seed,
+          process_index=jax.process_index(), process_count=jax.process_count(),
+          intensity_jitter=config.augment.intensity_jitter,
+          flip_lr_prob=config.augment.flip_lr_prob)
+       for step in range(start_step, config.num_steps)), config.prefetch_batches)
+
+  progress = _Progress(start_step, config.num_steps)
+  try:
+    for step in range(start_step + 1, config.num_steps + 1):
+      rstate, metrics = p_train_step(rstate, parallel.shard_batch(next(batches)), rrng)
+      metrics = parallel.unreplicate(metrics)
+      if not np.isfinite(metrics['loss']):
+        checkpointer.wait()
+        raise ProgressionError(
+            f'non-finite loss ({metrics["loss"]}) at step {step} (steps {step - 1}->{step}); '
+            f'last good checkpoint: step {checkpointer.latest_step()} in '
+            f'{checkpointer.directory}. Lower config.optim.learning_rate or check the inputs.')
+      if step % config.log_every_steps == 0 or step == config.num_steps:
+        writer.write(step, 'train', {**metrics, 'learning_rate':
+                                     learning_rate_schedule(config)(step - 1)})
+        logging.info('%s loss %.5f', progress.line(step), metrics['loss'])
+      if val_set is not None and (step % config.eval_every_steps == 0
+                                  or step == config.num_steps):
+        val_metrics = evaluate(p_eval_step, rstate, val_set, local_batch)
+        writer.write(step, 'val', val_metrics)
+        logging.info('step %d validation loss %.5f', step, val_metrics['loss'])
+      if step % config.checkpoint_every_steps == 0 or step == config.num_steps:
+        checkpointer.save(step, parallel.unreplicate(rstate), metadata)
+  finally:
+    checkpointer.wait()
+    checkpointer.close()
+    writer.close()
+  return parallel.unreplicate(rstate)
+
+
+def _with_loss(config: ml_collections.ConfigDict, **changes) -> ml_collections.ConfigDict:
+  config = ml_collections.ConfigDict(config.to_dict())
+  config.loss.update(changes)
+  return config
+
+
+class _Progress:
+  """Formats 'step s/n, x steps/s, ETA' lines from wall-clock time since the first step."""
+
+  def __init__(self, start_step: int, num_steps: int):
+    self._start_step, self._num_steps = start_step, num_steps
+    self._start_time = time.perf_counter()
+
+  def line(self, step: int) -> str:
+    elapsed = time.perf_counter() - self._start_time
+    rate = (step - self._start_step) / max(elapsed, 1e-9)
+    eta = (self._num_steps - step) / max(rate, 1e-9)
+    return f'step {step}/{self._num_steps} ({rate:.2f} steps/s, ETA {eta:.0f} s)'

@@ -1,0 +1,172 @@
+"""Training: pmap equivalence, learning on the synthetic cohort, kill -9 resume, multi-process."""
+
+import functools
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from progression import checkpoints, covariates, labels, parallel, steps, train
+from progression.errors import ProgressionError
+from tests.conftest import tiny_config
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _random_batch(num: int, shape=(16, 16, 16), seed=0) -> dict[str, np.ndarray]:
+  rng = np.random.default_rng(seed)
+  baseline = rng.random((num, *shape, 1), dtype=np.float32)
+  classes = rng.integers(0, labels.NUM_CLASSES, (num, *shape)).astype(np.uint8)
+  return {
+      'baseline': baseline,
+      'followup': np.roll(baseline, 1, axis=1),
+      'years': rng.uniform(0.5, 3.0, num).astype(np.float32),
+      'covariates': rng.standard_normal((num, covariates.ENCODED_DIM)).astype(np.float32),
+      'baseline_labels': classes,
+      'followup_labels': np.roll(classes, 1, axis=1),
+  }
+
+
+def _leaves(tree):
+  return [np.asarray(x) for x in jax.tree_util.tree_leaves(tree)]
+
+
+def test_pmap_step_matches_one_device_on_the_same_global_batch():
+  assert jax.local_device_count() == 2
+  config = tiny_config('unused')
+  state = train.create_train_state(config, jax.random.PRNGKey(0))
+  batch = _random_batch(2)
+  weights = train.loss_weights(config)
+  rng = jax.random.PRNGKey(1)
+
+  one_device = jax.jit(functools.partial(steps.train_step, loss_weights=weights))
+  expected, expected_metrics = one_device(state, batch, rng)
+
+  p_step = parallel.pmap_train_step(functools.partial(steps.train_step, loss_weights=weights))
+  rstate, metrics = p_step(parallel.replicate(state), parallel.shard_batch(batch),
+                           parallel.replicate(rng))
+
+  for leaf in _leaves(rstate.params):  # Replicas stay identical.
+    np.testing.assert_array_equal(leaf[0], leaf[1])
+  for got, want in zip(_leaves(parallel.unreplicate(rstate).params), _leaves(expected.params)):
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-6)
+  assert int(parallel.unreplicate(rstate).step) == 1
+  np.testing.assert_allclose(parallel.unreplicate(metrics)['loss'], expected_metrics['loss'],
+                             rtol=1e-5)
+  changed = [not np.allclose(a, b) for a, b in zip(_leaves(expected.params), _leaves(state.params))]
+  assert any(changed)
+
+
+def test_training_lowers_validation_loss(synthetic_cohort, tmp_path):
+  config = tiny_config(synthetic_cohort, num_steps=40, eval_every_steps=40,
+                       checkpoint_every_steps=40, log_every_steps=10)
+  config.optim.learning_rate = 3e-3
+  data = train.load_experiment_data(config)
+  from progression import input_pipeline
+  val_set = input_pipeline.PairDataset(data.val, data.grid, tmp_path / 'cache', data.normalizer)
+  weights = train.loss_weights(config)
+  p_eval = parallel.pmap_eval_step(functools.partial(steps.eval_step, loss_weights=weights))
+  initial = train.create_train_state(config, jax.random.PRNGKey(config.seed))
+  before = train.evaluate(p_eval, parallel.replicate(initial), val_set, 2)['loss']
+
+  train.train_and_evaluate(config, tmp_path / 'work')
+
+  records = [json.loads(line) for line in (tmp_path / 'work/metrics.jsonl').read_text().splitlines()]
+  after = [r for r in records if r['split'] == 'val'][-1]
+  assert after['step'] == 40
+  assert after['loss'] < before, (before, after['loss'])
+  assert (tmp_path / 'work/tensorboard').is_dir()
+
+
+def test_refuses_to_resume_with_another_grid(synthetic_cohort, tmp_path):
+  train.train_and_evaluate(tiny_config(synthetic_cohort, num_steps=2), tmp_path)
+  other = tiny_config(synthetic_cohort, num_steps=4)
+  other.model.features = (4, 4)
+  with pytest.raises(ProgressionError, match='model'):
+    train.train_and_evaluate(other, tmp_path)
+
+
+def test_missing_cohort_root_is_a_clear_error(tmp_path):
+  with pytest.raises(ProgressionError, match='cohort.root'):
+    train.train_and_evaluate(tiny_config(''), tmp_path)
+
+
+def _train_command(cohort_root, workdir, num_steps):
+  return [sys.executable, '-m', 'experiments.train', '--config=experiments/configs/tiny.py',
+          f'--config.cohort.root={cohort_root}', f'--workdir={workdir}',
+          f'--config.num_steps={num_steps}', '--config.checkpoint_every_steps=2']
+
+
+def _final_params(workdir):
+  checkpointer = checkpoints.Checkpointer(checkpoints.checkpoint_dir(workdir), read_only=True)
+  metadata = checkpointer.restore_metadata()
+  from ml_collections import ConfigDict
+  template = train.create_train_state(ConfigDict(metadata['config']), jax.random.PRNGKey(0))
+  state, _ = checkpointer.restore(template)
+  return int(state.step), _leaves(state.params)
+
+
+def _finished_steps(workdir):
+  folder = checkpoints.checkpoint_dir(workdir)
+  if not folder.is_dir():
+    return []
+  return sorted(int(p.name) for p in folder.iterdir()
+                if p.name.isdigit() and (p / 'commit_success.txt').exists())
+
+
+def test_kill_9_then_resume_gives_the_uninterrupted_parameters(synthetic_cohort, tmp_path):
+  num_steps = 10
+  subprocess.run(_train_command(synthetic_cohort, tmp_path / 'straight', num_steps),
+                 cwd=REPO, check=True, capture_output=True)
+  # Kill at several points: right after the first finished checkpoint, then later ones.
+  killed = tmp_path / 'killed'
+  for wait_for_step in (2, 6):
+    proc = subprocess.Popen(_train_command(synthetic_cohort, killed, num_steps), cwd=REPO,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while not any(s >= wait_for_step for s in _finished_steps(killed)):
+      assert proc.poll() is None, 'training ended before it could be killed'
+      assert time.time() < deadline
+      time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+  subprocess.run(_train_command(synthetic_cohort, killed, num_steps), cwd=REPO, check=True,
+                 capture_output=True)
+  step_a, params_a = _final_params(tmp_path / 'straight')
+  step_b, params_b = _final_params(killed)
+  assert step_a == step_b == num_steps
+  for a, b in zip(params_a, params_b):
+    np.testing.assert_array_equal(a, b)
+
+
+def _free_port() -> int:
+  with socket.socket() as s:
+    s.bind(('127.0.0.1', 0))
+    return s.getsockname()[1]
+
+
+def test_two_processes_train_and_agree(synthetic_cohort, tmp_path):
+  port = _free_port()
+  env = {**os.environ, 'XLA_FLAGS': '--xla_force_host_platform_device_count=1',
+         'PYTHONPATH': str(REPO)}
+  procs = [subprocess.Popen([sys.executable, 'tests/distributed_worker.py', str(port), str(i),
+                             str(synthetic_cohort), str(tmp_path / 'work'),
+                             str(tmp_path / f'params{i}.npz')],
+                            cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+           for i in range(2)]
+  outputs = [p.communicate(timeout=400)[0].decode() for p in procs]
+  for p, out in zip(procs, outputs):
+    assert p.returncode == 0, out[-3000:]
+  with np.load(tmp_path / 'params0.npz') as a, np.load(tmp_path / 'params1.npz') as b:
+    assert len(a.files) > 0
+    for key in a.files:
+      np.testing.assert_array_equal(a[key], b[key])
