@@ -149,7 +149,7 @@ def train_batch(dataset: PairDataset, step: int, *, global_batch: int, seed: int
 
 def eval_batches(dataset: PairDataset, local_batch: int, process_index: int = 0,
                  process_count: int = 1) -> Iterator[Batch]:
-  """All pairs once, this process's share, padded to full batches with `mask` = 0."""
+  """All pairs once, this process's share, padded to full batches with `valid` = 0."""
   global_batch = local_batch * process_count
   num_steps = -(-len(dataset) // global_batch)
   for step in range(num_steps):
@@ -157,7 +157,7 @@ def eval_batches(dataset: PairDataset, local_batch: int, process_index: int = 0,
     examples = []
     for q in positions:
       example = dataset.example(int(min(q, len(dataset) - 1)))
-      examples.append({**example, 'mask': np.float32(q < len(dataset))})
+      examples.append({**example, 'valid': np.float32(q < len(dataset))})
     yield stack(examples)
 
 

@@ -77,7 +77,7 @@ def pmap_train_step(train_step: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def pmap_eval_step(eval_step: Callable[..., Any]) -> Callable[..., Any]:
-  """pmaps `eval_step(state, batch) -> per-example metrics incl. 'mask'` into global sums.
+  """pmaps `eval_step(state, batch) -> per-example metrics incl. 'valid'` into global sums.
 
   Returns, replicated, `{metric: sum over real examples of all devices and processes,
   'count': number of real examples}`; divide on the host for means.
@@ -85,9 +85,9 @@ def pmap_eval_step(eval_step: Callable[..., Any]) -> Callable[..., Any]:
 
   def step(state, batch):
     per_example = dict(eval_step(state, batch))
-    mask = per_example.pop('mask')
-    sums = {k: jnp.sum(v * mask) for k, v in per_example.items()}
-    sums['count'] = jnp.sum(mask)
+    valid = per_example.pop('valid')
+    sums = {k: jnp.sum(v * valid) for k, v in per_example.items()}
+    sums['count'] = jnp.sum(valid)
     return jax.lax.psum(sums, axis_name=AXIS_NAME)
 
   return jax.pmap(step, axis_name=AXIS_NAME)

@@ -4,8 +4,9 @@ A batch is a dict of arrays with a leading per-device batch axis:
   baseline, followup: `[B, x, y, z, 1]` normalised intensities on the experiment grid;
   years: `[B]` interval baseline -> follow-up in years;
   covariates: `[B, covariates.ENCODED_DIM]` encoded baseline covariates;
-  baseline_labels, followup_labels: `[B, x, y, z]` int32 class indices (optional);
-  mask: `[B]` 1.0 for real examples, 0.0 for padding (evaluation only).
+  baseline_labels, followup_labels: `[B, x, y, z]` uint8 class indices into
+    `labels.CLASS_IDS` (optional; one-hot encoded on the device for the Dice loss);
+  valid: `[B]` 1.0 for real examples, 0.0 for padding (evaluation only).
 """
 
 from typing import Any, Callable, Mapping
@@ -14,7 +15,7 @@ import jax
 import jax.numpy as jnp
 from flax.training import train_state
 
-from progression import losses
+from progression import labels, losses
 
 Metrics = dict[str, jax.Array]
 
@@ -32,6 +33,20 @@ def _forward(apply_fn, params, batch: Mapping[str, jax.Array], train: bool) -> d
                   train=train)
 
 
+def _with_onehot_labels(batch: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
+  """Adds one-hot label maps for the Dice loss (the host ships compact class indices)."""
+  batch = dict(batch)
+  for key in ('baseline_labels', 'followup_labels'):
+    if key in batch:
+      batch[f'{key}_onehot'] = jax.nn.one_hot(batch[key], labels.NUM_CLASSES, dtype=jnp.float32)
+  return batch
+
+
+def _loss_terms(apply_fn, params, batch, loss_weights, train: bool):
+  outputs = _forward(apply_fn, params, batch, train=train)
+  return losses.total_loss(outputs, _with_onehot_labels(batch), loss_weights)
+
+
 def train_step(state: TrainState, batch: Mapping[str, jax.Array], rng: jax.Array, *,
                loss_weights: Mapping[str, float],
                reduce_fn: Callable[[Any], Any] = _identity) -> tuple[TrainState, Metrics]:
@@ -45,8 +60,7 @@ def train_step(state: TrainState, batch: Mapping[str, jax.Array], rng: jax.Array
   del rng
 
   def loss_fn(params):
-    outputs = _forward(state.apply_fn, params, batch, train=True)
-    per_example, metrics = losses.total_loss(outputs, batch, loss_weights)
+    per_example, metrics = _loss_terms(state.apply_fn, params, batch, loss_weights, train=True)
     return per_example.mean(), {k: v.mean() for k, v in metrics.items()}
 
   (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
@@ -59,9 +73,9 @@ def train_step(state: TrainState, batch: Mapping[str, jax.Array], rng: jax.Array
 def eval_step(state: TrainState, batch: Mapping[str, jax.Array], *,
               loss_weights: Mapping[str, float]) -> Metrics:
   """Per-example metrics `[B]` (no reduction: padding is masked out by the caller)."""
-  outputs = _forward(state.apply_fn, state.params, batch, train=False)
-  per_example, metrics = losses.total_loss(outputs, batch, loss_weights)
-  return {**metrics, 'loss': per_example, 'mask': batch['mask']}
+  per_example, metrics = _loss_terms(state.apply_fn, state.params, batch, loss_weights,
+                                     train=False)
+  return {**metrics, 'loss': per_example, 'valid': batch['valid']}
 
 
 def _global_norm(tree) -> jax.Array:

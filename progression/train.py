@@ -72,10 +72,13 @@ def create_model(config: ml_collections.ConfigDict) -> generator.ProgressionGene
 
 
 def learning_rate_schedule(config: ml_collections.ConfigDict) -> optax.Schedule:
-  """Linear warmup to `optim.learning_rate`, then cosine decay to 0 at `num_steps`."""
+  """Linear warmup to `optim.learning_rate`, then cosine decay to 0 at `num_steps`.
+
+  The warmup starts at lr/warmup_steps, not 0, so the very first update moves the weights.
+  """
   warmup = max(1, min(config.optim.warmup_steps, config.num_steps - 1))
   return optax.warmup_cosine_decay_schedule(
-      init_value=0.0, peak_value=config.optim.learning_rate, warmup_steps=warmup,
+      init_value=config.optim.learning_rate / warmup, peak_value=config.optim.learning_rate, warmup_steps=warmup,
       decay_steps=max(config.num_steps, warmup + 1))
 
 
