@@ -127,8 +127,8 @@ def test_cli_names_a_missing_followup_image(trained_workdir, synthetic_cohort, t
 
 @pytest.fixture
 def evaluate_module():
-  from experiments import evaluate
-  return evaluate
+  from progression.evaluation import pipeline
+  return pipeline
 
 
 def test_empty_split_is_an_error(evaluate_module, trained_workdir, synthetic_cohort, tmp_path):

@@ -1,0 +1,147 @@
+"""Evaluation of a checkpoint end to end: split -> methods -> per-pair rows -> report files.
+
+`evaluate_checkpoint` is what `python -m experiments.evaluate` runs, and what the demo and
+notebooks call directly. The model enters only through `Forecaster` (as `ForecasterMethod`),
+so the report code does not depend on training internals.
+"""
+
+import math
+import sys
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, NamedTuple, TextIO
+
+import ml_collections
+import numpy as np
+import pandas as pd
+from absl import logging
+
+from progression import checkpoints, cohort, forecast, io, train
+from progression.errors import ProgressionError
+from progression.evaluation import baselines, report
+
+
+class ForecasterMethod:
+  """The trained generator as an evaluation method (`baselines.Method`) named 'model'."""
+  name = 'model'
+
+  def __init__(self, forecaster: forecast.Forecaster, volume_method: str):
+    self.forecaster = forecaster
+    self.volume_method = volume_method
+
+  def predict(self, pair_row: Mapping[str, Any], baseline: io.Volume,
+              baseline_labels: io.Volume | None) -> baselines.Prediction:
+    labels = baseline_labels if self.volume_method == 'labels' else None
+    [result] = self.forecaster.forecast(baseline, cohort.covariates_of(pair_row),
+                                        years=[float(pair_row['interval_years'])], labels=labels)
+    image = io.from_array(np.asarray(result.image.dataobj, dtype=np.float32),
+                          result.image.affine).data
+    return baselines.Prediction(image=image, volumes_ml=result.volumes_ml,
+                                volume_method=result.volume_method)
+
+
+class ProgressBar:
+  """`progress(done, total)` drawing '[####....] done/total what 12s ETA 30s' on stderr.
+
+  Redraws in place on a terminal; elsewhere (logs, pipes) prints a line per tenth of the work.
+  """
+
+  def __init__(self, what: str, stream: TextIO | None = None, width: int = 30):
+    self._what, self._stream, self._width = what, stream or sys.stderr, width
+    self._start = time.monotonic()
+    self._tty = self._stream.isatty()
+    self._last_tenth = -1
+
+  def __call__(self, done: int, total: int) -> None:
+    tenth = (10 * done) // max(total, 1)
+    if not self._tty and tenth == self._last_tenth and done != total:
+      return
+    self._last_tenth = tenth
+    elapsed = time.monotonic() - self._start
+    eta = f' ETA {elapsed / done * (total - done):.0f}s' if 0 < done < total else ''
+    filled = (self._width * done) // max(total, 1)
+    line = (f'[{"#" * filled}{"." * (self._width - filled)}] {done}/{total} {self._what} '
+            f'{elapsed:.0f}s{eta}')
+    end = '\n' if (done == total or not self._tty) else ''
+    self._stream.write(('\r' if self._tty else '') + line + end)
+    self._stream.flush()
+
+
+class Outputs(NamedTuple):
+  files: dict[str, Path]  # File name -> path.
+  headline: pd.DataFrame  # `report.headline_table`.
+
+
+def checkpoint_config(checkpoint: str | Path, step: int | None = None
+                      ) -> tuple[ml_collections.ConfigDict, dict]:
+  """The experiment config and metadata saved with a checkpoint (workdir or checkpoints/)."""
+  path = Path(checkpoint)
+  folder = path / checkpoints.CHECKPOINT_SUBDIR
+  previous = logging.get_verbosity()
+  logging.set_verbosity(logging.ERROR)  # orbax logs every step of opening a checkpoint.
+  try:
+    checkpointer = checkpoints.Checkpointer(folder if folder.is_dir() else path, read_only=True)
+    try:
+      metadata = checkpointer.restore_metadata(step)
+    finally:
+      checkpointer.close()
+  finally:
+    logging.set_verbosity(previous)
+  if 'config' not in metadata:
+    raise ProgressionError(f'{path}: checkpoint metadata has no config; not a progression '
+                           'training checkpoint?')
+  return ml_collections.ConfigDict(metadata['config']), metadata
+
+
+def evaluate_checkpoint(checkpoint: str | Path, out: str | Path, split: str = 'test',
+                        cohort_spec: str | None = None, cohort_root: str | Path | None = None,
+                        overwrite: bool = False, step: int | None = None,
+                        num_examples: int = 2) -> Outputs:
+  """Evaluates the model of `checkpoint` and both baselines on `split`; writes the report.
+
+  Raises:
+    ProgressionError: non-empty `out` without `overwrite`, unknown split, empty split,
+      missing follow-up images, follow-ups off the baseline grid, bad checkpoint or cohort.
+  """
+  report.check_output_dir(out, overwrite)
+  if split not in cohort.SPLITS:
+    raise ProgressionError(f'split must be one of {cohort.SPLITS}, got {split!r}')
+  config, metadata = checkpoint_config(checkpoint, step)
+  if cohort_spec:
+    config.cohort.spec = str(cohort_spec)
+  if cohort_root:
+    config.cohort.root = str(Path(cohort_root).absolute())
+  data = train.load_experiment_data(config)
+  pairs = getattr(data, split)
+  where = f'split {split!r} of cohort {config.cohort.spec!r} at {config.cohort.root}'
+  report.check_pairs(pairs, where)
+  volume_method = baselines.volume_method_of(pd.concat([data.train, pairs]))
+  rates = baselines.fit_population_rates(
+      baselines.training_volume_table(data.train, volume_method,
+                                      ProgressBar('training pairs measured')), volume_method)
+  model = ForecasterMethod(forecast.Forecaster.from_checkpoint(checkpoint, step), volume_method)
+  methods = [model, baselines.PopulationRateBaseline(rates),
+             baselines.NoChangeBaseline(volume_method)]
+  evaluation = report.evaluate_pairs(pairs, methods, volume_method, num_examples,
+                                     ProgressBar(f'{split} pairs evaluated'), where)
+  summary = report.summarize(evaluation.rows)
+  context = {'checkpoint': Path(checkpoint).absolute(), 'step': metadata.get('step'),
+             'cohort': f'{config.cohort.spec} at {config.cohort.root}', 'split': split,
+             'pairs': len(pairs), 'subjects': pairs['subject'].nunique(),
+             'volumes from': volume_method, 'methods': ', '.join(m.name for m in methods)}
+  files = report.write_report(
+      out, evaluation, summary, context, overwrite=overwrite,
+      extra_json={'population_rates.json': rates.to_dict()},
+      extra_tables={'Population rates (percent/year at the mean training age)':
+                    rates_table(rates)})
+  return Outputs(files=files, headline=report.headline_table(summary, volume_method))
+
+
+def rates_table(rates: baselines.PopulationRates) -> pd.DataFrame:
+  """Region x diagnosis rates (percent/year) with the age slope, for the HTML report."""
+  groups = [baselines.ALL] + sorted({d for by_dx in rates.rates_pct_per_year.values()
+                                     for d in by_dx} - {baselines.ALL})
+  return pd.DataFrame([{'region': region, **{g: by_dx.get(g, math.nan) for g in groups},
+                        'age slope (%/y per year)': rates.age_slope_pct_per_year2[region]}
+                       for region, by_dx in rates.rates_pct_per_year.items()])
