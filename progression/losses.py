@@ -1,0 +1,182 @@
+"""Training losses for the progression generator, one value per example.
+
+Every function returns `[batch]` values; callers reduce (mean, or a masked mean
+over padded examples), as optax losses do. Images are `[B, x, y, z, C]`,
+velocities `[B, x, y, z, 3]` (voxels/year), Jacobian determinants `[B, x, y, z]`.
+"""
+
+from typing import Any, Mapping, Optional
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from progression.errors import ProgressionError
+from progression.models import warp as warp_lib
+
+Array = jax.Array
+LOSS_WEIGHT_KEYS = ('image', 'ncc', 'smoothness', 'dice', 'folding')
+
+
+def _same_shape(name: str, a: Array, b: Array) -> None:
+  if a.shape != b.shape:
+    raise ProgressionError(f'{name}: shapes differ, {a.shape} vs {b.shape}')
+
+
+def _per_example_mean(x: Array) -> Array:
+  return jnp.mean(x.reshape(x.shape[0], -1), axis=1)
+
+
+def mse(pred: Array, target: Array, mask: Optional[Array] = None) -> Array:
+  """Mean squared error per example: [B].
+
+  Args:
+    pred, target: [B, x, y, z, C] (same shape).
+    mask: optional [B, x, y, z] or [B, x, y, z, 1] weights (e.g. a brain mask);
+      the error is averaged over the masked voxels (0 where a mask is empty).
+  """
+  _same_shape('mse', pred, target)
+  err = jnp.square(pred.astype(jnp.float32) - target.astype(jnp.float32))
+  if mask is None:
+    return _per_example_mean(err)
+  mask = mask.astype(jnp.float32)
+  if mask.ndim == err.ndim - 1:
+    mask = mask[..., None]
+  if mask.shape[:-1] != err.shape[:-1] or mask.shape[-1] != 1:
+    raise ProgressionError(f'mse: mask {mask.shape} does not match images {pred.shape}')
+  num = jnp.sum((err * mask).reshape(err.shape[0], -1), axis=1)
+  den = jnp.sum(mask.reshape(mask.shape[0], -1), axis=1) * err.shape[-1]
+  return num / jnp.maximum(den, 1e-8)
+
+
+def _box_sum(x: Array, window: int) -> Array:
+  """Sum over a window^3 box centred on each voxel of [B, x, y, z, C], zero padded."""
+  r = window // 2
+  for axis in (1, 2, 3):
+    n = x.shape[axis]
+    pad = [(0, 0)] * x.ndim
+    pad[axis] = (r + 1, window - r - 1)
+    c = jnp.cumsum(jnp.pad(x, pad), axis=axis)
+    x = lax.slice_in_dim(c, window, window + n, axis=axis) - lax.slice_in_dim(c, 0, n, axis=axis)
+  return x
+
+
+def local_ncc(pred: Array, target: Array, window: int = 5, eps: float = 1e-5) -> Array:
+  """1 - mean local squared normalised cross-correlation per example: [B], in [0, 1].
+
+  VoxelMorph's NCC: in each window^3 box (zero padded at the borders, the full
+  box size used as the count), cc = cov(I, J)^2 / (var(I) var(J) + eps); the
+  loss is 1 - mean(cc) over voxels and channels (0 for a perfect local linear
+  match; insensitive to local intensity scale and offset). Float32 throughout.
+  """
+  _same_shape('local_ncc', pred, target)
+  if window < 1 or window % 2 == 0:
+    raise ProgressionError(f'local_ncc: window must be an odd positive int, got {window}')
+  i = pred.astype(jnp.float32)
+  j = target.astype(jnp.float32)
+  n = float(window ** 3)
+  # Subtract per-example means first: same cc, better float32 conditioning.
+  i = i - jnp.mean(i, axis=(1, 2, 3), keepdims=True)
+  j = j - jnp.mean(j, axis=(1, 2, 3), keepdims=True)
+  sums = _box_sum(jnp.concatenate([i, j, i * i, j * j, i * j], axis=-1), window)
+  si, sj, sii, sjj, sij = jnp.split(sums, 5, axis=-1)
+  cross = sij - si * sj / n
+  var_i = jnp.maximum(sii - si * si / n, 0.0)
+  var_j = jnp.maximum(sjj - sj * sj / n, 0.0)
+  cc = cross * cross / (var_i * var_j + eps)
+  return 1.0 - _per_example_mean(cc)
+
+
+def smoothness(velocity: Array) -> Array:
+  """Mean squared forward-difference gradient of a field: [B].
+
+  (1/3) sum over the three axes of mean((v[i+1] - v[i])^2) over voxels and
+  components, in (voxels/year per voxel)^2 on the velocity's own grid.
+  """
+  if velocity.ndim != 5:
+    raise ProgressionError(f'smoothness: expected [B, x, y, z, C], got {velocity.shape}')
+  v = velocity.astype(jnp.float32)
+  terms = []
+  for axis in (1, 2, 3):
+    n = v.shape[axis]
+    if n < 2:
+      continue
+    d = lax.slice_in_dim(v, 1, n, axis=axis) - lax.slice_in_dim(v, 0, n - 1, axis=axis)
+    terms.append(_per_example_mean(d * d))
+  if not terms:
+    return jnp.zeros(v.shape[:1], jnp.float32)
+  return sum(terms) / 3.0
+
+
+def dice_loss(warped_onehot: Array, target_onehot: Array, include_background: bool = False,
+              eps: float = 1e-6) -> Array:
+  """1 - mean soft Dice over the classes present: [B].
+
+  Args:
+    warped_onehot, target_onehot: [B, x, y, z, K] class probabilities / one-hot,
+      channel 0 = background (excluded unless include_background).
+  A class is present in an example when it has mass in the target or in the
+  prediction; examples with no class present give 0.
+  """
+  _same_shape('dice_loss', warped_onehot, target_onehot)
+  p = warped_onehot.astype(jnp.float32)
+  t = target_onehot.astype(jnp.float32)
+  if not include_background:
+    p, t = p[..., 1:], t[..., 1:]
+  b, k = p.shape[0], p.shape[-1]
+  p, t = p.reshape(b, -1, k), t.reshape(b, -1, k)
+  inter = jnp.sum(p * t, axis=1)
+  total = jnp.sum(p, axis=1) + jnp.sum(t, axis=1)
+  dice = 2.0 * inter / jnp.maximum(total, eps)
+  present = (total > eps).astype(jnp.float32)
+  count = jnp.sum(present, axis=1)
+  mean_dice = jnp.sum(dice * present, axis=1) / jnp.maximum(count, 1.0)
+  return jnp.where(count > 0, 1.0 - mean_dice, 0.0)
+
+
+def folding(jacobian: Array) -> Array:
+  """Mean of relu(-det J) per example: [B] (0 for a fold-free map)."""
+  return _per_example_mean(jax.nn.relu(-jacobian.astype(jnp.float32)))
+
+
+def total_loss(outputs: Mapping[str, Array], batch: Mapping[str, Any],
+               weights: Mapping[str, float]) -> tuple[Array, dict[str, Array]]:
+  """Weighted sum of the losses, per example.
+
+  Args:
+    outputs: the generator's dict ('prediction', 'velocity', 'displacement',
+      'jacobian').
+    batch: 'baseline', 'followup' [B,x,y,z,1], 'years' [B], 'covariates';
+      optional 'mask' [B,x,y,z] (brain mask for the image MSE) and
+      'baseline_labels_onehot' / 'followup_labels_onehot' [B,x,y,z,K] float
+      (compact classes, channel 0 background; required when weights['dice'] > 0).
+    weights: Python floats for 'image' (MSE), 'ncc', 'smoothness', 'dice',
+      'folding'; 0 disables a term (it is then not computed). Missing keys = 0.
+  Returns:
+    (loss [B], metrics) with metrics[name] [B] for every enabled term plus
+    'mse' (always) and 'loss'.
+  """
+  unknown = set(weights) - set(LOSS_WEIGHT_KEYS)
+  if unknown:
+    raise ProgressionError(f'unknown loss weights {sorted(unknown)}; expected {LOSS_WEIGHT_KEYS}')
+  w = {k: float(weights.get(k, 0.0)) for k in LOSS_WEIGHT_KEYS}
+  pred, target = outputs['prediction'], batch['followup']
+  metrics = {'mse': mse(pred, target, batch.get('mask'))}
+  if w['ncc']:
+    metrics['ncc'] = local_ncc(pred, target)
+  if w['smoothness']:
+    metrics['smoothness'] = smoothness(outputs['velocity'])
+  if w['dice']:
+    if 'baseline_labels_onehot' not in batch or 'followup_labels_onehot' not in batch:
+      raise ProgressionError("weights['dice'] > 0 needs batch['baseline_labels_onehot'] and "
+                             "batch['followup_labels_onehot']")
+    warped = warp_lib.warp_labels_onehot(batch['baseline_labels_onehot'], outputs['displacement'])
+    metrics['dice'] = dice_loss(warped, batch['followup_labels_onehot'])
+  if w['folding']:
+    metrics['folding'] = folding(outputs['jacobian'])
+  term_of = {'image': 'mse', 'ncc': 'ncc', 'smoothness': 'smoothness', 'dice': 'dice',
+             'folding': 'folding'}
+  loss = sum(w[k] * metrics[term_of[k]] for k in LOSS_WEIGHT_KEYS if w[k])
+  loss = jnp.zeros(pred.shape[:1], jnp.float32) + loss
+  metrics['loss'] = loss
+  return loss, metrics

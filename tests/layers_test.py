@@ -1,0 +1,101 @@
+"""Our conv layers against flax's nn.Conv / nn.ConvTranspose with the same parameters."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from progression.errors import ProgressionError
+from progression.models import layers
+
+TOL = dict(rtol=1e-5, atol=1e-5)
+
+
+def _x(shape, seed=0):
+  return jax.random.normal(jax.random.PRNGKey(seed), shape, jnp.float32)
+
+
+@pytest.mark.parametrize('impl', ['depth_taps', 'native', 'auto'])
+@pytest.mark.parametrize('shape', [(2, 7, 6, 5, 3), (1, 4, 8, 6, 2)])
+def test_conv3d_matches_nn_conv_values_and_grads(impl, shape):
+  x = _x(shape)
+  ref = nn.Conv(4, (3, 3, 3), padding='SAME')
+  params = ref.init(jax.random.PRNGKey(1), x)
+  params = jax.tree.map(lambda p: p + 0.1 * _x(p.shape, 3), params)  # non-zero bias
+  ours = layers.Conv3D(4, impl=impl)
+  ours_params = ours.init(jax.random.PRNGKey(2), x)
+  assert jax.tree.map(jnp.shape, ours_params) == jax.tree.map(jnp.shape, params)
+
+  f_ref = jax.jit(ref.apply)
+  f_ours = jax.jit(ours.apply)
+  np.testing.assert_allclose(f_ours(params, x), f_ref(params, x), **TOL)
+
+  def loss(module):
+    return lambda p, x: jnp.sum(jnp.sin(module.apply(p, x)))
+
+  g_ref = jax.jit(jax.grad(loss(ref), argnums=(0, 1)))(params, x)
+  g_ours = jax.jit(jax.grad(loss(ours), argnums=(0, 1)))(params, x)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4), g_ours, g_ref)
+
+
+def test_conv3d_dtype_and_errors():
+  x = _x((1, 4, 4, 4, 2))
+  m = layers.Conv3D(3, dtype=jnp.bfloat16)
+  p = m.init(jax.random.PRNGKey(0), x)
+  assert p['params']['kernel'].dtype == jnp.float32
+  assert m.apply(p, x).dtype == jnp.bfloat16
+  with pytest.raises(ProgressionError, match='impl'):
+    layers.Conv3D(3, impl='fast').init(jax.random.PRNGKey(0), x)
+  with pytest.raises(ProgressionError, match='batch, x, y, z'):
+    layers.Conv3D(3).init(jax.random.PRNGKey(0), x[0])
+
+
+@pytest.mark.parametrize('shape', [(2, 4, 6, 8, 3), (1, 2, 2, 2, 1)])
+def test_downsample_matches_strided_nn_conv(shape):
+  x = _x(shape)
+  ref = nn.Conv(5, (2, 2, 2), strides=(2, 2, 2), padding='VALID')
+  params = jax.tree.map(lambda p: p + 0.1, ref.init(jax.random.PRNGKey(1), x))
+  ours = layers.Downsample(5)
+  assert jax.tree.map(jnp.shape, ours.init(jax.random.PRNGKey(2), x)) == jax.tree.map(
+      jnp.shape, params)
+  np.testing.assert_allclose(jax.jit(ours.apply)(params, x), ref.apply(params, x), **TOL)
+  gl = lambda m: jax.grad(lambda p, x: jnp.sum(m.apply(p, x) ** 2), argnums=(0, 1))
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4),
+               jax.jit(gl(ours))(params, x), gl(ref)(params, x))
+
+
+def test_downsample_odd_size_is_a_clear_error():
+  with pytest.raises(ProgressionError, match='divisible by 2'):
+    layers.Downsample(2).init(jax.random.PRNGKey(0), _x((1, 5, 4, 4, 1)))
+
+
+@pytest.mark.parametrize('shape', [(2, 3, 4, 5, 3), (1, 1, 2, 1, 2)])
+def test_upsample_matches_nn_conv_transpose(shape):
+  x = _x(shape)
+  ref = nn.ConvTranspose(4, (2, 2, 2), strides=(2, 2, 2))
+  params = jax.tree.map(lambda p: p + 0.1, ref.init(jax.random.PRNGKey(1), x))
+  ours = layers.Upsample2x(4)
+  assert jax.tree.map(jnp.shape, ours.init(jax.random.PRNGKey(2), x)) == jax.tree.map(
+      jnp.shape, params)
+  out = jax.jit(ours.apply)(params, x)
+  assert out.shape == (shape[0], 2 * shape[1], 2 * shape[2], 2 * shape[3], 4)
+  np.testing.assert_allclose(out, ref.apply(params, x), **TOL)
+  gl = lambda m: jax.grad(lambda p, x: jnp.sum(jnp.sin(m.apply(p, x))), argnums=(0, 1))
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4),
+               jax.jit(gl(ours))(params, x), gl(ref)(params, x))
+
+
+def test_space_to_depth_round_trip_and_block_order():
+  x = _x((2, 4, 6, 2, 3))
+  s = layers.space_to_depth(x, 2)
+  assert s.shape == (2, 2, 3, 1, 24)
+  # Channel (i, j, k, c) of block (a, b, d) is x[2a+i, 2b+j, 2d+k, c].
+  np.testing.assert_array_equal(s[1, 1, 2, 0, ((1 * 2 + 0) * 2 + 1) * 3 + 2], x[1, 3, 4, 1, 2])
+  np.testing.assert_array_equal(layers.depth_to_space(s, 2), x)
+  assert layers.space_to_depth(x, 1) is x
+
+
+def test_resolve_impl_auto_on_cpu():
+  assert layers.resolve_impl('auto') == 'depth_taps'  # tests run on CPU
+  assert layers.resolve_impl('native') == 'native'
