@@ -14,6 +14,7 @@ from typing import Any, Callable
 import flax.jax_utils
 import jax
 import jax.numpy as jnp
+from jax.experimental import multihost_utils
 import numpy as np
 
 from progression.errors import ProgressionError
@@ -103,3 +104,7 @@ def initialize_distributed(coordinator_address: str | None, num_processes: int,
       raise ProgressionError(f'--process_id={process_id} must be in [0, {num_processes})')
     jax.distributed.initialize(coordinator_address=coordinator_address,
                                num_processes=num_processes, process_id=process_id)
+    # First collective now, while all processes stand at the same point: on CPU it builds
+    # the gloo context, whose set-up times out (~30 s) when processes arrive far apart,
+    # as they would later (e.g. at the checkpoint manager's first barrier).
+    multihost_utils.sync_global_devices('progression:initialize_distributed')
