@@ -1,0 +1,424 @@
+"""Forecaster: a baseline NIfTI + covariates + intervals in years -> predicted follow-ups.
+
+One network evaluation gives the subject's stationary velocity field v (model-grid voxels
+per year, on a grid `velocity_downsize` times coarser than the model grid); every horizon t
+is then exp(t·v) by scaling and squaring, upsampled to the model grid, so a trajectory over
+several horizons costs one forward pass and is consistent across horizons
+(φ_{t1+t2} = φ_{t2}∘φ_{t1}); a region whose volume the flow shrinks at every point keeps
+shrinking as t grows.
+
+Conventions. The model's displacement u is a pull-back: follow-up(x) = baseline(x + u(x)).
+Outputs (`Forecast`) are on the *input's* grid and affine, in the file's own voxel order:
+  * `image`: the input baseline (its own intensities, full resolution) warped by u;
+  * `displacement`: u in world mm (RAS+ components), `[x, y, z, 3]`; 0 outside the model grid;
+  * `jacobian`: local volume ratio follow-up / baseline of the tissue at each *baseline*
+    position (det of the push-forward exp(-t·v)); < 1 is shrinkage; 1 outside the model grid;
+  * `labels`: the baseline label map carried forward (nearest neighbour), when given;
+  * `volumes_ml`: predicted regional volumes (mL), the Jacobian integrated over the baseline
+    label map (tensor-based morphometry) or, without labels, over a CSF/GM/WM segmentation
+    of the baseline made by `evaluation.tissue`.
+The optional intensity-residual head of the generator is not applied: the forecast is the
+deformation of the input image.
+"""
+
+import contextlib
+import dataclasses
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import nibabel as nib
+import numpy as np
+import pandas as pd
+from absl import logging
+
+from progression import checkpoints, covariates, io, preprocess, train
+from progression.errors import ProgressionError
+from progression.evaluation import baselines, tissue, volumes
+from progression.models import warp
+
+# Regions of the `evaluation.tissue` classes used without label maps (one definition, shared
+# with the evaluation's baselines so forecasts and measurements name the same regions).
+TISSUE_CLASSES = baselines.TISSUE_REGIONS
+MAX_YEARS = 30.0  # Longest horizon accepted (years); the model is trained on a few years.
+# Labels and image must share their grid up to this (mm, in the affine).
+_GRID_TOLERANCE_MM = 1e-3
+
+ImageLike = str | Path | io.Volume | nib.spatialimages.SpatialImage
+
+
+@dataclasses.dataclass(frozen=True)
+class Forecast:
+  """One horizon of a subject's forecast, on the input's grid and affine (see module doc)."""
+  years: float
+  image: nib.Nifti1Image
+  displacement: nib.Nifti1Image
+  jacobian: nib.Nifti1Image
+  labels: nib.Nifti1Image | None
+  volumes_ml: dict[str, float]
+  baseline_volumes_ml: dict[str, float]
+  volume_method: str  # 'labels' (Jacobian over the label map) or 'tissue'.
+
+
+@dataclasses.dataclass(frozen=True)
+class Subject:
+  """A baseline prepared for forecasting (`Forecaster.prepare`).
+
+  Attributes:
+    image: the baseline, canonical RAS+ (keeps the file's affine for outputs).
+    labels: its label map on the same grid, or None.
+    gridded: the baseline on the model grid (normalised intensities, grid affine).
+    region_map: `[x, y, z]` int ids on `image`'s canonical grid: the labels, or tissue classes.
+    regions: region name -> ids of `region_map`.
+    volume_method: 'labels' or 'tissue'.
+  """
+  image: io.Volume
+  labels: io.Volume | None
+  gridded: preprocess.GriddedVolume
+  region_map: np.ndarray
+  regions: dict[str, tuple[int, ...]]
+  volume_method: str
+
+
+class Forecaster:
+  """Forecasts follow-up MRIs with a trained generator on one device (CPU or GPU; no pmap)."""
+
+  def __init__(self, config: ml_collections.ConfigDict, params: Any,
+               normalizer: covariates.CovariateNormalizer):
+    self.config = config
+    self.grid = train.grid_from_config(config)
+    self.normalizer = normalizer
+    self._params = params
+    self.downsize = int(config.model.velocity_downsize)
+    model = train.create_model(config)
+    self._velocity_fn = jax.jit(lambda p, image, cov: model.apply(
+        {'params': p}, image, cov, method=model.velocity).astype(jnp.float32))
+    self._fields_fn = jax.jit(_fields_on_input, static_argnums=3)
+    self._warp_fn = jax.jit(_warp_input)
+
+  @classmethod
+  def from_checkpoint(cls, path: str | Path, step: int | None = None) -> 'Forecaster':
+    """Restores a Forecaster from a training workdir or its `checkpoints/` folder.
+
+    The config, grid and covariate normaliser come from the checkpoint's metadata.
+
+    Raises:
+      ProgressionError: for a missing or damaged checkpoint, another format version, or
+        metadata whose grid disagrees with its config.
+    """
+    path = Path(path)
+    if not path.exists():
+      raise ProgressionError(f'{path}: checkpoint not found')
+    sub = path / checkpoints.CHECKPOINT_SUBDIR
+    with _absl_errors_only():  # orbax logs every restore step and warns about read-only.
+      checkpointer = checkpoints.Checkpointer(sub if sub.is_dir() else path, read_only=True)
+      try:
+        metadata = checkpointer.restore_metadata(step)
+        config, normalizer = _config_from_metadata(metadata, checkpointer.directory)
+        template = jax.eval_shape(
+            lambda: train.create_train_state(config, jax.random.PRNGKey(0)))
+        state, _ = checkpointer.restore(_on_default_device(template), step)
+      finally:
+        checkpointer.close()
+    return cls(config, state.params, normalizer)
+
+  def prepare(self, baseline: ImageLike, labels: ImageLike | None = None) -> Subject:
+    """Loads and checks a baseline (and its labels on the same grid); puts it on the model grid."""
+    image = as_volume(baseline, io.load_image)
+    label_map = None if labels is None else as_volume(labels, io.load_labels)
+    if label_map is not None:
+      _check_same_grid(image, label_map)
+    gridded = preprocess.to_grid(image, self.grid)
+    if label_map is not None:
+      return Subject(image, label_map, gridded, label_map.data,
+                     volumes.default_regions(), 'labels')
+    seg = tissue.segment_tissue(image.data)
+    return Subject(image, None, gridded, seg, dict(TISSUE_CLASSES), 'tissue')
+
+  @property
+  def velocity_shape(self) -> tuple[int, int, int, int]:
+    """Shape of a velocity field: the model grid / `downsize`, then 3 components."""
+    return (*(s // self.downsize for s in self.grid.shape), 3)
+
+  def velocity(self, subject: Subject,
+               cov: 'covariates.Covariates | Mapping[str, Any]') -> np.ndarray:
+    """The subject's velocity `velocity_shape` (model-grid voxels / year, coarse grid)."""
+    encoded = covariates.encode(as_covariates(cov), self.normalizer)
+    velocity = self._velocity_fn(self._params, jnp.asarray(subject.gridded.image)[None, ..., None],
+                                 jnp.asarray(encoded)[None])
+    return np.asarray(velocity[0])
+
+  def trajectory(self, subject: Subject, velocity: np.ndarray,
+                 years: Sequence[float]) -> list[Forecast]:
+    """Forecasts of `subject` at each interval in `years` from one velocity field."""
+    velocity = np.asarray(velocity, dtype=np.float32)
+    if velocity.shape != self.velocity_shape:
+      raise ProgressionError(f'velocity: expected shape {self.velocity_shape}, '
+                             f'got {velocity.shape}')
+    baseline_ml = volumes.regional_volumes_ml(subject.region_map, subject.image.voxel_volume_ml,
+                                              regions=subject.regions)
+    return [self._horizon(subject, velocity, t, baseline_ml) for t in check_years(years)]
+
+  def forecast(self, baseline: ImageLike, cov: 'covariates.Covariates | Mapping[str, Any]',
+               years: Sequence[float], labels: ImageLike | None = None) -> list[Forecast]:
+    """Forecasts `baseline` at each interval in `years` (0 <= t <= MAX_YEARS, in years).
+
+    Args:
+      baseline: a 3D T1w image: path, nibabel image or `io.Volume`, any orientation.
+      cov: `Covariates` or a mapping of raw values (validated by `parse_covariates`).
+      years: intervals from the baseline, in years.
+      labels: optional baseline label map (FreeSurfer ids) on the baseline's grid.
+
+    Returns:
+      One `Forecast` per interval, in the order given.
+    """
+    cov = as_covariates(cov)
+    years = check_years(years)
+    subject = self.prepare(baseline, labels)
+    return self.trajectory(subject, self.velocity(subject, cov), years)
+
+  def counterfactuals(self, baseline: ImageLike,
+                      cov: 'covariates.Covariates | Mapping[str, Any]',
+                      scenarios: Mapping[str, Mapping[str, Any]], years: Sequence[float],
+                      labels: ImageLike | None = None) -> dict[str, list[Forecast]]:
+    """Forecasts the same baseline under changed covariates, one trajectory per scenario.
+
+    `scenarios` maps a name to the fields to change, e.g.
+    `{'CN': {'diagnosis': 'CN'}, 'AD': {'diagnosis': 'AD', 'apoe4': 2}}`; `{}` keeps `cov`.
+    The baseline is prepared once; each scenario costs one network evaluation.
+    """
+    base = covariates.covariates_to_dict(as_covariates(cov))
+    changed = {name: covariates.parse_covariates({**base, **changes},
+                                                 where=f'counterfactual scenario {name!r}')
+               for name, changes in scenarios.items()}
+    years = check_years(years)
+    subject = self.prepare(baseline, labels)
+    return {name: self.trajectory(subject, self.velocity(subject, c), years)
+            for name, c in changed.items()}
+
+  def _horizon(self, subject: Subject, velocity: np.ndarray, years: float,
+               baseline_ml: dict[str, float]) -> Forecast:
+    image = subject.image
+    grid_affine = subject.gridded.affine
+    to_grid = np.linalg.solve(grid_affine, image.affine)[:3]  # input voxel -> model voxel
+    grid_to_input = np.linalg.solve(image.affine[:3, :3], grid_affine[:3, :3])
+    label_map = None if subject.labels is None else jnp.asarray(subject.labels.data)
+    sampled = self._fields_fn(
+        jnp.asarray(velocity), jnp.float32(years), jnp.asarray(to_grid, jnp.float32),
+        (int(self.config.model.num_squarings), self.downsize, image.data.shape))
+    predicted, displacement_mm, jacobian, warped_labels = (
+        None if x is None else np.asarray(x) for x in self._warp_fn(
+            sampled, jnp.asarray(image.data, jnp.float32), label_map,
+            jnp.asarray(grid_to_input, jnp.float32), jnp.asarray(grid_affine[:3, :3], jnp.float32)))
+    measured = volumes.jacobian_integrated_volumes_ml(
+        subject.region_map, jacobian, image.voxel_volume_ml, regions=subject.regions)
+    return Forecast(
+        years=float(years),
+        image=like_input(predicted, image),
+        displacement=like_input(displacement_mm, image),
+        jacobian=like_input(jacobian, image),
+        labels=None if warped_labels is None else like_input(warped_labels.astype(np.int16),
+                                                             image),
+        volumes_ml={k: float(v) for k, v in measured.items()},
+        baseline_volumes_ml=dict(baseline_ml),
+        volume_method=subject.volume_method)
+
+
+def volumes_table(forecasts: 'Sequence[Forecast] | Mapping[str, Sequence[Forecast]]'
+                  ) -> pd.DataFrame:
+  """Long table of predicted volumes: one row per (scenario,) horizon and region.
+
+  Columns: [scenario,] years, region, volume_ml, baseline_volume_ml, change_pct (total %
+  change from the baseline), method. `scenario` only when given a mapping (counterfactuals).
+  """
+  if isinstance(forecasts, Mapping):
+    tables = [volumes_table(f).assign(scenario=name) for name, f in forecasts.items()]
+    table = pd.concat(tables, ignore_index=True)
+    return table[['scenario'] + [c for c in table.columns if c != 'scenario']]
+  rows = [{'years': f.years, 'region': region, 'volume_ml': ml,
+           'baseline_volume_ml': f.baseline_volumes_ml[region],
+           'change_pct': (100.0 * (ml / f.baseline_volumes_ml[region] - 1.0)
+                          if f.baseline_volumes_ml[region] > 0 else float('nan')),
+           'method': f.volume_method}
+          for f in forecasts for region, ml in f.volumes_ml.items()]
+  return pd.DataFrame(rows, columns=['years', 'region', 'volume_ml', 'baseline_volume_ml',
+                                     'change_pct', 'method'])
+
+
+def _fields_on_input(velocity, years, to_grid, static: tuple[int, int, tuple[int, ...]]):
+  """A horizon's model-grid fields sampled at the input's voxels (jitted; runs in XLA).
+
+  Args:
+    velocity: `[x/f, y/f, z/f, 3]` model-grid voxels / year (f = downsize).
+    years: scalar interval t (years).
+    to_grid: 3x4 input voxel -> model-grid voxel.
+    static: (num_squarings, f, input shape `(X, Y, Z)`).
+  Returns:
+    `[4, X, Y, Z]`: the pull-back displacement of exp(t·v) (model-grid voxels, 3 planes)
+    and det Jacobian - 1 of the push-forward exp(-t·v); all 0 outside the model grid.
+  """
+  num_squarings, factor, shape = static
+  t = jnp.reshape(years, (1,))
+  flow = lambda w: warp.integrate_velocity(w[None], t, num_squarings, upsample_factor=factor)[0]
+  fields = jnp.concatenate([jnp.moveaxis(flow(velocity), -1, 0),
+                            warp.jacobian_determinant(flow(-velocity)[None]) - 1.0])
+  index = _voxel_index(shape)
+  at_grid = [sum(to_grid[a, b] * index[b] for b in range(3)) + to_grid[a, 3] for a in range(3)]
+  # Zero outside the model grid, fading over one voxel: sample a zero-padded copy.
+  return _sample(jnp.pad(fields, ((0, 0), (1, 1), (1, 1), (1, 1))),
+                 [c + 1.0 for c in at_grid], order=1)
+
+
+def _warp_input(sampled, image, label_map, grid_to_input, grid_mm):
+  """Warps the input (and its labels) by `_fields_on_input`'s displacement (jitted).
+
+  A separate jit on purpose: fused with the sampling above, XLA recomputes it per corner
+  of the image interpolation (5x slower at 120x144x120).
+
+  Args:
+    sampled: `_fields_on_input` output `[4, X, Y, Z]`.
+    image, label_map: `[X, Y, Z]` input (canonical) image and int labels (or None).
+    grid_to_input: 3x3 model-grid voxel vectors -> input voxel vectors.
+    grid_mm: 3x3 model-grid voxel vectors -> world mm.
+  Returns:
+    predicted image, pull-back displacement `[X, Y, Z, 3]` (world mm), det Jacobian (1
+    outside the model grid) and carried-forward labels (or None).
+  """
+  index = _voxel_index(image.shape)
+  shift = jnp.einsum('ab,b...->a...', grid_to_input, sampled[:3])
+  source = [index[a] + shift[a] for a in range(3)]
+  predicted = _sample(image[None], source, order=1)[0]
+  labels = None if label_map is None else _sample(label_map[None], source, order=0)[0]
+  displacement_mm = jnp.einsum('ab,b...->...a', grid_mm, sampled[:3])
+  return predicted, displacement_mm, 1.0 + sampled[3], labels
+
+
+def _voxel_index(shape: Sequence[int]) -> list[jax.Array]:
+  """Voxel indices along each axis, broadcastable to `shape` (float32)."""
+  return [jnp.arange(n, dtype=jnp.float32).reshape([-1 if a == b else 1 for b in range(3)])
+          for a, n in enumerate(shape)]
+
+
+def _sample(values: jax.Array, coords: Sequence[jax.Array], order: int) -> jax.Array:
+  """values `[C, nx, ny, nz]` at fractional voxel coordinates (3 arrays of one shape).
+
+  order 1: trilinear, order 0: nearest; coordinates clamp to the grid (edge values).
+  """
+  sizes = values.shape[1:]
+  flat = values.reshape(values.shape[0], -1)
+  if order == 0:
+    near = [jnp.clip(jnp.round(c), 0, n - 1).astype(jnp.int32) for c, n in zip(coords, sizes)]
+    return jnp.take(flat, (near[0] * sizes[1] + near[1]) * sizes[2] + near[2], axis=1)
+  lower, fraction = [], []
+  for c, n in zip(coords, sizes):
+    c = jnp.clip(c, 0, n - 1)
+    c0 = jnp.minimum(jnp.floor(c), n - 2)
+    lower.append(c0.astype(jnp.int32))
+    fraction.append(c - c0)
+  base = (lower[0] * sizes[1] + lower[1]) * sizes[2] + lower[2]
+  out = 0.0
+  for i, j, k in ((i, j, k) for i in (0, 1) for j in (0, 1) for k in (0, 1)):
+    weight = ((fraction[0] if i else 1 - fraction[0]) * (fraction[1] if j else 1 - fraction[1])
+              * (fraction[2] if k else 1 - fraction[2]))
+    out = out + weight * jnp.take(flat, base + (i * sizes[1] + j) * sizes[2] + k, axis=1)
+  return out
+
+
+def as_volume(value: ImageLike, loader) -> io.Volume:
+  """A path, nibabel image or Volume -> canonical Volume (`loader`: io.load_image/load_labels)."""
+  if isinstance(value, io.Volume):
+    return value
+  if isinstance(value, nib.spatialimages.SpatialImage):
+    data = np.asarray(value.dataobj)
+    if loader is io.load_labels:
+      rounded = np.rint(data)
+      if not np.all(np.isfinite(data)) or np.any(np.abs(rounded - data) > 1e-3):
+        raise ProgressionError('labels: label map has non-integer or non-finite voxel values')
+      return io.from_array(rounded.astype(np.int32), value.affine)
+    return io.from_array(data.astype(np.float32), value.affine)
+  return loader(value)
+
+
+def as_covariates(cov: 'covariates.Covariates | Mapping[str, Any]') -> covariates.Covariates:
+  """Covariates as given, or parsed (validated) from a mapping of raw values."""
+  if isinstance(cov, covariates.Covariates):
+    return cov
+  return covariates.parse_covariates(cov, where='forecast covariates')
+
+
+def check_years(years: float | Sequence[float]) -> list[float]:
+  """Validates forecast intervals: at least one, each finite and in [0, MAX_YEARS] years."""
+  try:
+    values = [float(t) for t in np.atleast_1d(np.asarray(years, dtype=np.float64))]
+  except (TypeError, ValueError):
+    raise ProgressionError(f'years: expected numbers, got {years!r}') from None
+  if not values:
+    raise ProgressionError('years: give at least one interval')
+  for t in values:
+    if not np.isfinite(t) or not 0 <= t <= MAX_YEARS:
+      raise ProgressionError(f'years: intervals must be in [0, {MAX_YEARS:g}] years, got {t:g}')
+  return values
+
+
+def like_input(data: np.ndarray, reference: io.Volume) -> nib.Nifti1Image:
+  """A NIfTI image of `data` (on `reference`'s canonical grid) in the reference file's voxel
+  order and affine; trailing axes (e.g. vector components) are kept."""
+  image = nib.Nifti1Image(reference.to_original(data), reference.original_affine)
+  image.set_sform(reference.original_affine, code=1)
+  image.set_qform(reference.original_affine, code=1)
+  image.header.set_xyzt_units('mm', 'sec')
+  return image
+
+
+def _check_same_grid(image: io.Volume, labels: io.Volume) -> None:
+  if labels.data.shape != image.data.shape or not np.allclose(
+      labels.affine, image.affine, atol=_GRID_TOLERANCE_MM):
+    raise ProgressionError(
+        f'{labels.path or "labels"}: the label map must be on the baseline image\'s voxel grid '
+        f'(shape {image.original_shape}, same affine); got shape {labels.original_shape}. '
+        'Resample it onto the image first (nearest neighbour).')
+
+
+def _config_from_metadata(metadata: Mapping[str, Any], where: Path
+                          ) -> tuple[ml_collections.ConfigDict, covariates.CovariateNormalizer]:
+  """The experiment config and normaliser recorded in a checkpoint, checked for consistency."""
+  missing = [k for k in ('config', 'grid', 'normalizer') if k not in metadata]
+  if missing:
+    raise ProgressionError(f'{where}: checkpoint metadata lacks {missing}; not a progression '
+                           'training checkpoint?')
+  config = ml_collections.ConfigDict(metadata['config'])
+  try:
+    train.create_model(config)
+    train.grid_from_config(config)
+  except (AttributeError, KeyError, TypeError, ValueError) as e:
+    raise ProgressionError(f'{where}: checkpoint config does not describe a model this version '
+                           f'of progression can build ({type(e).__name__}: {e})') from None
+  saved = metadata['grid']
+  if (list(saved.get('shape', [])) != list(config.grid.shape)
+      or not np.allclose(saved.get('voxel_size_mm', [0, 0, 0]), config.grid.voxel_size_mm)):
+    raise ProgressionError(f'{where}: checkpoint grid {saved} disagrees with its config grid '
+                           f'{config.grid.to_dict()}; the checkpoint is inconsistent')
+  factor = int(config.model.velocity_downsize) * 2 ** (len(config.model.features) - 1)
+  if any(int(s) % factor for s in config.grid.shape):
+    raise ProgressionError(f'{where}: checkpoint grid {list(config.grid.shape)} is not divisible '
+                           f'by {factor} as its model needs (velocity_downsize x 2^(levels-1))')
+  return config, covariates.CovariateNormalizer.from_dict(metadata['normalizer'])
+
+
+@contextlib.contextmanager
+def _absl_errors_only():
+  previous = logging.get_verbosity()
+  logging.set_verbosity(logging.ERROR)
+  try:
+    yield
+  finally:
+    logging.set_verbosity(previous)
+
+
+def _on_default_device(template: Any) -> Any:
+  """Abstract arrays placed on the default device, so orbax restores without pmap or mesh."""
+  sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  return jax.tree_util.tree_map(
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), template)

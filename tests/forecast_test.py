@@ -1,0 +1,184 @@
+"""Forecaster: identity at 0 years, the input's grid and voxel order, known-answer trajectories."""
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from progression import cohort, forecast, io, labels
+from progression.errors import ProgressionError
+
+COVARIATES = {'age_years': 74.0, 'sex': 'F', 'diagnosis': 'MCI', 'mmse': 27, 'apoe4': 1}
+# A non-RAS orientation: axes permuted and two of them flipped (voxel axes point S, L, P).
+OTHER_AXCODES = ('S', 'L', 'P')
+
+
+@pytest.fixture(scope='module')
+def forecaster(trained_workdir):
+  return forecast.Forecaster.from_checkpoint(trained_workdir)
+
+
+@pytest.fixture(scope='module')
+def baseline_files(synthetic_cohort):
+  """(T1w path, dseg path) of the first subject's baseline visit."""
+  visits = cohort.read_visits(cohort.load_spec('synthetic'), synthetic_cohort)
+  first = visits.iloc[0]
+  return first['image_path'], first['labels_path']
+
+
+def reoriented(path, axcodes=OTHER_AXCODES) -> nib.Nifti1Image:
+  """The same image in world space, its voxels stored in another axis order (nibabel)."""
+  image = nib.load(path)
+  ornt = nib.orientations.ornt_transform(nib.orientations.io_orientation(image.affine),
+                                         nib.orientations.axcodes2ornt(axcodes))
+  data = nib.orientations.apply_orientation(np.asarray(image.dataobj), ornt)
+  affine = image.affine @ nib.orientations.inv_ornt_aff(ornt, image.shape)
+  out = nib.Nifti1Image(data, affine)
+  assert nib.aff2axcodes(out.affine) == axcodes
+  return out
+
+
+def to_axcodes(data: np.ndarray, axcodes) -> np.ndarray:
+  """RAS-ordered voxels -> the order of `axcodes` (the layout `reoriented` writes)."""
+  ornt = nib.orientations.ornt_transform(nib.orientations.axcodes2ornt(('R', 'A', 'S')),
+                                         nib.orientations.axcodes2ornt(axcodes))
+  return nib.orientations.apply_orientation(data, ornt)
+
+
+def test_zero_years_returns_the_baseline(forecaster, baseline_files):
+  image_path, labels_path = baseline_files
+  (zero,) = forecaster.forecast(image_path, COVARIATES, [0.0], labels=labels_path)
+  source = nib.load(image_path)
+  np.testing.assert_allclose(zero.image.get_fdata(), source.get_fdata(), atol=1e-4)
+  np.testing.assert_array_equal(np.asarray(zero.labels.dataobj),
+                                np.asarray(nib.load(labels_path).dataobj))
+  np.testing.assert_allclose(zero.jacobian.get_fdata(), 1.0, atol=1e-6)
+  np.testing.assert_allclose(zero.displacement.get_fdata(), 0.0, atol=1e-6)
+  assert zero.volume_method == 'labels'
+  assert zero.volumes_ml == pytest.approx(zero.baseline_volumes_ml, rel=1e-6)
+  assert zero.baseline_volumes_ml['hippocampus'] > 0
+
+
+def test_non_ras_input_keeps_its_affine_and_voxel_order(forecaster, baseline_files):
+  image_path, labels_path = baseline_files
+  other, other_labels = reoriented(image_path), reoriented(labels_path)
+  ras = forecaster.forecast(image_path, COVARIATES, [0.0, 2.0], labels=labels_path)
+  flipped = forecaster.forecast(other, COVARIATES, [0.0, 2.0], labels=other_labels)
+
+  np.testing.assert_array_equal(flipped[0].image.get_fdata(), np.asarray(other.dataobj))
+  for got, want in zip(flipped, ras):
+    for name in ('image', 'jacobian', 'labels', 'displacement'):
+      out = getattr(got, name)
+      np.testing.assert_allclose(out.affine, other.affine, atol=1e-9)
+      assert out.shape[:3] == other.shape
+      expected = to_axcodes(np.asarray(getattr(want, name).dataobj), OTHER_AXCODES)
+      np.testing.assert_allclose(np.asarray(out.dataobj), expected, rtol=1e-4, atol=1e-3)
+    assert got.volumes_ml == pytest.approx(want.volumes_ml, rel=1e-5)
+  # The forecast moved something, so the comparison above is not only about the identity.
+  assert not np.allclose(ras[1].jacobian.get_fdata(), 1.0)
+
+
+def contraction_velocity(forecaster: forecast.Forecaster, rate_per_year: float) -> np.ndarray:
+  """Pull-back velocity k (x - c) (model-grid voxels / year) about the grid centre c.
+
+  Its flow pulls from farther out, i.e. tissue contracts towards c: the push-forward
+  exp(-t v) scales by exp(-k t) per axis, so every region's volume is V0 exp(-3 k t).
+  Sampled on the coarse velocity grid: coarse voxel j sits at model voxel (j + 1/2) f - 1/2.
+  """
+  f = forecaster.downsize
+  coarse = np.indices(forecaster.velocity_shape[:3], dtype=np.float32)
+  center = (np.asarray(forecaster.grid.shape, np.float32) - 1) / 2
+  x = (coarse + 0.5) * f - 0.5 - center[:, None, None, None]
+  return rate_per_year * np.moveaxis(x, 0, -1)
+
+
+@pytest.mark.parametrize('axcodes', [('R', 'A', 'S'), OTHER_AXCODES])
+def test_uniform_contraction_gives_known_monotone_trajectory(forecaster, baseline_files, axcodes):
+  image_path, labels_path = baseline_files
+  subject = forecaster.prepare(reoriented(image_path, axcodes), reoriented(labels_path, axcodes))
+  k, years = 0.05, [0.5, 1.0, 2.0, 4.0]
+  trajectory = forecaster.trajectory(subject, contraction_velocity(forecaster, k), years)
+
+  v0 = trajectory[0].baseline_volumes_ml['hippocampus']
+  hippocampus = [f.volumes_ml['hippocampus'] for f in trajectory]
+  np.testing.assert_allclose(hippocampus, v0 * np.exp(-3 * k * np.asarray(years)), rtol=1e-3)
+  assert np.all(np.diff(hippocampus) < 0)
+  ids = list(labels.REGIONS['hippocampus'])
+  warped = [np.isin(np.asarray(f.labels.dataobj), ids).sum() for f in trajectory]
+  count = np.isin(np.asarray(subject.labels.data), ids).sum()
+  # Carried-forward labels shrink too (nearest-neighbour voxel counts of a 36-voxel region
+  # are too coarse to be monotone step by step).
+  assert max(warped) <= count and warped[-1] < 0.8 * count
+
+  # Pull-back displacement in world mm: u(x) = (exp(k t) - 1) (x - c), c the grid centre.
+  last = trajectory[-1]
+  center_mm = subject.gridded.affine[:3, :3] @ ((np.asarray(forecaster.grid.shape) - 1) / 2)
+  center_mm += subject.gridded.affine[:3, 3]
+  world = nib.affines.apply_affine(last.displacement.affine,
+                                   np.moveaxis(np.indices(last.displacement.shape[:3]), 0, -1))
+  expected = np.expm1(k * 4.0) * (world - center_mm)
+  # Central quarter: scaling and squaring clamps at the grid's edges, which spreads inwards.
+  inner = tuple(slice(3 * s // 8, s - 3 * s // 8) for s in last.displacement.shape[:3])
+  np.testing.assert_allclose(last.displacement.get_fdata()[inner], expected[inner], atol=2e-2)
+
+
+def test_composition_of_horizons(forecaster, baseline_files):
+  """φ_{t1+t2} = φ_{t2}∘φ_{t1} on the model grid: one velocity gives consistent horizons."""
+  from progression.models import warp
+  image_path, _ = baseline_files
+  subject = forecaster.prepare(image_path)
+  velocity = forecaster.velocity(subject, COVARIATES)[None]
+  d = {t: warp.integrate_velocity(velocity, np.array([t], np.float32),
+                                  upsample_factor=forecaster.downsize) for t in (1.0, 2.0, 3.0)}
+  composed = warp.compose(d[1.0], d[2.0])
+  assert float(np.abs(d[3.0]).max()) > 1e-3
+  np.testing.assert_allclose(composed, d[3.0], atol=2e-3 * max(1.0, float(np.abs(d[3.0]).max())))
+
+
+def test_counterfactuals_change_only_the_covariates(forecaster, baseline_files):
+  image_path, labels_path = baseline_files
+  scenarios = {'as_is': {}, 'CN': {'diagnosis': 'CN', 'apoe4': 0},
+               'AD': {'diagnosis': 'AD', 'apoe4': 2, 'mmse': 20}}
+  result = forecaster.counterfactuals(image_path, COVARIATES, scenarios, [1.0, 3.0],
+                                      labels=labels_path)
+  plain = forecaster.forecast(image_path, COVARIATES, [1.0, 3.0], labels=labels_path)
+  assert list(result) == list(scenarios)
+  for got, want in zip(result['as_is'], plain):
+    assert got.volumes_ml == pytest.approx(want.volumes_ml, rel=1e-6)
+  assert result['CN'][0].baseline_volumes_ml == result['AD'][0].baseline_volumes_ml
+  cn = np.asarray(result['CN'][1].jacobian.dataobj)
+  ad = np.asarray(result['AD'][1].jacobian.dataobj)
+  assert not np.allclose(cn, ad, atol=0, rtol=0)
+  table = forecast.volumes_table(result)
+  assert list(table.columns[:3]) == ['scenario', 'years', 'region']
+  assert len(table) == 3 * 2 * len(labels.REGIONS)
+
+
+def test_without_labels_volumes_are_jacobian_integrated_tissue(forecaster, baseline_files):
+  image_path, _ = baseline_files
+  (one,) = forecaster.forecast(image_path, COVARIATES, [1.0])
+  assert one.labels is None and one.volume_method == 'tissue'
+  assert set(one.volumes_ml) == set(forecast.TISSUE_CLASSES)
+  subject = forecaster.prepare(image_path)
+  jacobian = io.from_array(one.jacobian.get_fdata(), one.jacobian.affine).data
+  brain = np.isin(subject.region_map, forecast.TISSUE_CLASSES['brain'])
+  expected = float(jacobian[brain].sum()) * subject.image.voxel_volume_ml
+  assert one.volumes_ml['brain'] == pytest.approx(expected, rel=1e-5)
+
+
+def test_rejects_bad_inputs(forecaster, baseline_files, tmp_path):
+  image_path, labels_path = baseline_files
+  with pytest.raises(ProgressionError, match='years'):
+    forecaster.forecast(image_path, COVARIATES, [-1.0])
+  with pytest.raises(ProgressionError, match='diagnosis'):
+    forecaster.forecast(image_path, {**COVARIATES, 'diagnosis': 'flu'}, [1.0])
+  other_grid = nib.Nifti1Image(np.asarray(nib.load(labels_path).dataobj)[:-2],
+                               nib.load(labels_path).affine)
+  with pytest.raises(ProgressionError, match="baseline image's voxel grid"):
+    forecaster.forecast(image_path, COVARIATES, [1.0], labels=other_grid)
+  subject = forecaster.prepare(image_path)
+  with pytest.raises(ProgressionError, match='velocity'):
+    forecaster.trajectory(subject, np.zeros((3, 3, 3, 3), np.float32), [1.0])
+  with pytest.raises(ProgressionError, match='not found'):
+    forecast.Forecaster.from_checkpoint(tmp_path / 'absent')
+  with pytest.raises(ProgressionError, match='no finished checkpoint'):
+    forecast.Forecaster.from_checkpoint(tmp_path)
