@@ -19,8 +19,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from experiments import common
-from experiments import forecast as forecast_cli
-from progression import cohort, forecast, synthetic, train
+from progression import cohort, forecast, forecast_io, synthetic, train
 from progression.evaluation import figures, pipeline
 
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Folder for the cohort, model and reports.')
@@ -74,7 +73,7 @@ def forecast_one_test_subject(config: ml_collections.ConfigDict, checkpoint: Pat
                                   FORECAST_YEARS, labels=row['baseline_labels'])
   print(f'    {row["subject"]} ({row["diagnosis"]}, {row["age_years"]:.1f} y): hippocampus '
         + ', '.join(f'{f.years:g} y {f.volumes_ml["hippocampus"]:.2f} mL' for f in forecasts))
-  return forecast_cli.save_forecasts(forecasts, out, forecast_cli.output_stem(
+  return forecast_io.save_forecasts(forecasts, out, forecast_io.output_stem(
       row['baseline_image']), overwrite=True)
 
 
