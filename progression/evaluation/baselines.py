@@ -246,7 +246,7 @@ def _pooled_age_slope(rate: np.ndarray, age: np.ndarray, diagnosis: np.ndarray) 
   on small or noisy training sets an age term would mostly fit noise.
   """
   known = np.isfinite(age)
-  groups = set(diagnosis[known])
+  groups = sorted(set(diagnosis[known]), key=str)  # Sorted: float sums must not depend on hashing.
   dof = int(known.sum()) - len(groups) - 1
   if known.sum() < MIN_AGE_PAIRS or dof < 1:
     return 0.0
