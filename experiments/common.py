@@ -16,7 +16,7 @@ def run(main: Callable[[Sequence[str]], None]) -> None:
     try:
       main(argv)
     except ProgressionError as e:
-      print(f'error: {e}', file=sys.stderr)
+      print('error: ' + ' '.join(str(e).split()), file=sys.stderr)  # Always one line.
       sys.exit(1)
 
   app.run(guarded)

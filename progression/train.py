@@ -10,7 +10,6 @@ import functools
 import json
 import time
 from pathlib import Path
-from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -143,7 +142,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path
   the loss becomes non-finite (the last good checkpoint is kept).
   """
   workdir = Path(workdir).absolute()
-  workdir.mkdir(parents=True, exist_ok=True)
+  try:
+    workdir.mkdir(parents=True, exist_ok=True)
+  except OSError as e:
+    raise ProgressionError(f'{workdir}: cannot create the workdir: {e}') from None
   data = load_experiment_data(config)
   local_batch = config.per_device_batch_size * jax.local_device_count()
   global_batch = local_batch * jax.process_count()
