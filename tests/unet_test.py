@@ -96,3 +96,14 @@ def test_num_groups_for():
   assert unet.num_groups_for(3) == 3
   assert unet.num_groups_for(7) == 7
   assert unet.num_groups_for(9) == 3
+
+
+def test_additive_skips():
+  x, cond = _x((1, 4, 4, 4, 3)), _x((1, 5), 1)
+  m = unet.UNet((4, 8), skip='add')
+  params = m.init(jax.random.PRNGKey(0), x, cond)
+  assert params['params']['dec0']['conv1']['kernel'].shape == (3, 3, 3, 4, 4)
+  assert 'skip' not in params['params']['dec0']
+  assert m.apply(params, x, cond).shape == (1, 4, 4, 4, 4)
+  with pytest.raises(ProgressionError, match="'concat' or 'add'"):
+    unet.UNet((4, 8), skip='sum').init(jax.random.PRNGKey(0), x, cond)

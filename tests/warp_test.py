@@ -198,3 +198,43 @@ def test_shape_errors():
     W.integrate_velocity(np.zeros((2, 4, 4, 4, 3)), np.zeros(3))
   with pytest.raises(ProgressionError, match='upsample_factor'):
     W.integrate_velocity(np.zeros((1, 4, 4, 4, 3)), np.zeros(1), upsample_factor=0)
+
+
+def test_custom_gradients_of_jacobian_and_upsampling_match_autodiff():
+  # Both have hand-written VJPs (autodiff's transposed slices are slow on CPU).
+  d = jnp.asarray(RNG.normal(scale=0.3, size=(2, 5, 2, 4, 3)), jnp.float32)  # a size-2 axis too
+  w = jnp.asarray(RNG.normal(size=(2, 5, 2, 4)), jnp.float32)
+  planar = jnp.moveaxis(d, -1, 0)
+  ref = jax.grad(lambda p: jnp.sum(W._det3(W._jacobian_parts(p)) * w))(planar)
+  got = jax.jit(jax.grad(lambda p: jnp.sum(W._jacobian_det_planar(p) * w)))(planar)
+  np.testing.assert_allclose(got, ref, atol=1e-5)
+  for factor in (2, 3):
+    field = jnp.asarray(RNG.normal(size=(2, 4, 1, 3, 2)), jnp.float32)
+    wf = jnp.asarray(RNG.normal(size=(2, 4 * factor, factor, 3 * factor, 2)), jnp.float32)
+
+    def reference(f):  # gathers + weights, differentiated by jax
+      for axis in (1, 2, 3):
+        n = f.shape[axis]
+        c = np.clip((np.arange(n * factor) + 0.5) / factor - 0.5, 0, n - 1)
+        i0 = np.floor(c).astype(int)
+        t = (c - i0).reshape([-1 if a == axis else 1 for a in range(5)])
+        f = jnp.take(f, i0, axis) * (1 - t) + jnp.take(f, np.minimum(i0 + 1, n - 1), axis) * t
+      return f
+
+    np.testing.assert_allclose(W.upsample_field(field, factor), reference(field), atol=1e-6)
+    g_ref = jax.grad(lambda f: jnp.sum(reference(f) * wf))(field)
+    g_got = jax.jit(jax.grad(lambda f: jnp.sum(W.upsample_field(f, factor) * wf)))(field)
+    np.testing.assert_allclose(g_got, g_ref, atol=1e-5)
+
+
+def test_flow_equals_separate_calls():
+  v = _smooth_velocity(batch=2, shape=(8, 8, 8), seed=3)
+  image = RNG.normal(size=(2, 16, 16, 16, 1)).astype(np.float32)
+  years = np.array([1.5, -0.5], np.float32)
+  d, warped, jac = jax.jit(W.flow, static_argnums=(3, 4))(image, v, years, 7, 2)
+  d_ref = W.integrate_velocity(v, years, upsample_factor=2)
+  np.testing.assert_allclose(d, d_ref, atol=1e-6)
+  np.testing.assert_allclose(warped, W.warp(image, d_ref), atol=1e-5)
+  np.testing.assert_allclose(jac, W.jacobian_determinant(d_ref), atol=1e-5)
+  with pytest.raises(ProgressionError, match='upsample_factor'):
+    W.flow(image, v, years, 7, 3)

