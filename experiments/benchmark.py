@@ -32,7 +32,6 @@ import platform
 import re
 import resource
 import shlex
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -42,6 +41,8 @@ from typing import Any, Callable, Sequence
 
 from absl import app, flags
 from ml_collections import config_flags
+
+from experiments.timing import time_calls
 
 REPO = Path(__file__).resolve().parents[1]
 Shape = tuple[int, int, int]
@@ -82,26 +83,6 @@ class Options:
 
 
 # ------------------------------------------------------------------------- helpers (workers)
-
-
-def time_calls(fn: Callable[[], Any], repetitions: int, warmup: int) -> dict[str, Any]:
-  """Times `fn` (which must block until its result is ready).
-
-  Returns {'first_call_s', 'median_s', 'min_s', 'times_s'} in seconds: the first call
-  apart, then `warmup - 1` more untimed calls, then `repetitions` timed ones.
-  """
-  start = time.perf_counter()
-  fn()
-  first = time.perf_counter() - start
-  for _ in range(max(warmup - 1, 0)):
-    fn()
-  times = []
-  for _ in range(max(repetitions, 1)):
-    start = time.perf_counter()
-    fn()
-    times.append(time.perf_counter() - start)
-  return {'first_call_s': first, 'median_s': statistics.median(times), 'min_s': min(times),
-          'times_s': times}
 
 
 def random_batch(config, shape: Sequence[int], batch: int, seed: int = 0) -> dict:

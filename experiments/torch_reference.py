@@ -20,15 +20,15 @@ Run by the benchmark in its own process, without jax (the `bench` extra:
 
 import json
 import resource
-import statistics
-import time
-from typing import Callable, Sequence
+from typing import Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from absl import app, flags
 from monai.networks import blocks
+
+from experiments.timing import time_calls
 from torch import nn
 
 NUM_CLASSES = 19  # len(progression.labels.CLASS_IDS); no jax import in this process.
@@ -234,21 +234,6 @@ def random_batch(size: Sequence[int], batch: int, cond_dim: int, seed: int = 0) 
           'baseline_labels': labels(), 'followup_labels': labels()}
 
 
-def _time(fn: Callable[[], None], repetitions: int, warmup: int) -> dict:
-  """Median wall time (seconds) of `fn` after `warmup` untimed calls (first call timed apart)."""
-  start = time.perf_counter()
-  fn()
-  first = time.perf_counter() - start
-  for _ in range(max(warmup - 1, 0)):
-    fn()
-  times = []
-  for _ in range(repetitions):
-    start = time.perf_counter()
-    fn()
-    times.append(time.perf_counter() - start)
-  return {'first_call_s': first, 'median_s': statistics.median(times), 'times_s': times}
-
-
 def benchmark(size: Sequence[int], *, cond_dim: int, loss_weights: dict[str, float],
               features: Sequence[int] = (16, 32, 64), batch: int = 1, repetitions: int = 5,
               warmup: int = 1, threads: int = 2, learning_rate: float = 1e-3,
@@ -291,7 +276,7 @@ def benchmark(size: Sequence[int], *, cond_dim: int, loss_weights: dict[str, flo
   for name, fn in (('forward', forward), ('train_step', train_step),
                    ('velocity_forward', velocity_forward),
                    ('velocity_forward_backward', velocity_backward)):
-    result[name] = _time(fn, repetitions, warmup)
+    result[name] = time_calls(fn, repetitions, warmup)
     result[name]['per_sample_s'] = result[name]['median_s'] / batch
   return result
 
