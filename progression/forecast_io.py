@@ -8,17 +8,14 @@ and volumes.csv (`forecast.volumes_table`: years, region, volume_ml, baseline_vo
 change_pct, method), written last. Used by `experiments/forecast.py`.
 """
 
-import contextlib
-import os
-import shutil
-import tempfile
+import functools
 from pathlib import Path
 from typing import Sequence
 
 import nibabel as nib
 import numpy as np
 
-from progression import forecast
+from progression import forecast, io
 from progression.errors import ProgressionError
 
 VOLUMES_CSV = 'volumes.csv'
@@ -62,60 +59,22 @@ def save_forecasts(forecasts: Sequence[forecast.Forecast], out_dir: str | Path, 
                    overwrite: bool = False) -> list[Path]:
   """Writes a trajectory's NIfTIs and volumes.csv (names: `output_paths`), all or nothing.
 
-  Everything is written into a hidden staging folder beside `out_dir`, then the folder is
-  renamed to `out_dir` (when absent), or its files are moved into `out_dir` one by one with
-  volumes.csv last (an overwrite removes the old volumes.csv first). So a crash or kill -9
-  leaves only complete files, and volumes.csv only beside a complete set.
+  Through `io.write_folder`: staged in a hidden folder beside `out_dir`, volumes.csv moved
+  in last, so a crash or kill -9 leaves only complete files, and volumes.csv only beside a
+  complete set.
 
   Raises:
     ProgressionError: when an output exists and not `overwrite`, or on OS errors.
   """
   if not forecasts:
     raise ProgressionError('save_forecasts: no forecasts to save')
-  out = Path(out_dir).absolute()
-  paths = output_paths(out, stem, [f.years for f in forecasts], forecasts[0].labels is not None)
+  paths = output_paths(out_dir, stem, [f.years for f in forecasts],
+                       forecasts[0].labels is not None)
   check_outputs_free(paths, overwrite)
-  try:
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f'.{out.name}.tmp-', dir=out.parent))
-  except OSError as e:
-    raise ProgressionError(f'{out}: cannot create the output folder: {e}') from None
-  try:
-    _write_staged(staging, forecasts, [p.name for p in paths])
-    if not out.exists():
-      os.chmod(staging, 0o777 & ~_umask())
-      with contextlib.suppress(OSError):
-        staging.rename(out)
-        return paths
-    _move_into(staging, out, [p.name for p in paths], overwrite)
-  except OSError as e:
-    raise ProgressionError(f'{out}: cannot write the forecast: {e}') from None
-  finally:
-    shutil.rmtree(staging, ignore_errors=True)
-  return paths
-
-
-def _write_staged(staging: Path, forecasts: Sequence[forecast.Forecast],
-                  names: list[str]) -> None:
-  files = iter(names[:-1])
-  for f in forecasts:
-    for image in (f.image, f.jacobian) + ((f.labels,) if f.labels is not None else ()):
-      nib.save(image, staging / next(files))
-  forecast.volumes_table(forecasts).to_csv(staging / names[-1], index=False,
-                                           float_format='%.6f')
-
-
-def _move_into(staging: Path, out: Path, names: list[str], overwrite: bool) -> None:
-  """Moves staged files into an existing `out`, volumes.csv (the last name) last."""
-  if overwrite:
-    (out / names[-1]).unlink(missing_ok=True)
-  else:
-    check_outputs_free([out / n for n in names], overwrite)
-  for name in names:
-    os.replace(staging / name, out / name)
-
-
-def _umask() -> int:
-  mask = os.umask(0o022)
-  os.umask(mask)
-  return mask
+  images = [image for f in forecasts
+            for image in (f.image, f.jacobian) + ((f.labels,) if f.labels is not None else ())]
+  writers = {path.name: functools.partial(nib.save, image)
+             for path, image in zip(paths[:-1], images)}
+  table = forecast.volumes_table(forecasts)
+  writers[VOLUMES_CSV] = lambda path: table.to_csv(path, index=False, float_format='%.6f')
+  return io.write_folder(out_dir, writers)

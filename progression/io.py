@@ -6,12 +6,15 @@ millimetres. `Volume` keeps the file's own affine and shape too, so outputs can 
 written back on the input's exact grid (`to_original`).
 """
 
+import contextlib
 import dataclasses
 import gzip
 import os
+import shutil
 import tempfile
 import zlib
 from pathlib import Path
+from typing import Callable, Mapping
 
 import nibabel as nib
 import numpy as np
@@ -130,6 +133,60 @@ def atomic_write_text(path: PathLike, text: str) -> Path:
   return _atomic_write(Path(path), lambda tmp: Path(tmp).write_text(text))
 
 
+def make_folder(path: PathLike, what: str = 'output folder') -> Path:
+  """`mkdir -p` whose failures (a parent that is a file, no permission) name `path`.
+
+  Raises:
+    ProgressionError: '<path>: cannot create the <what>: <reason>'.
+  """
+  path = Path(path)
+  try:
+    path.mkdir(parents=True, exist_ok=True)
+  except OSError as e:
+    raise ProgressionError(f'{path}: cannot create the {what}: {e.strerror or e}') from None
+  return path
+
+
+def write_folder(out_dir: PathLike, writers: Mapping[str, Callable[[Path], None]]) -> list[Path]:
+  """Writes a set of files into `out_dir`, all or nothing; returns their paths in order.
+
+  `writers[name](path)` writes the file `name` at `path`; the LAST name is the set's
+  completion marker. Everything is written into a hidden staging folder
+  `.<out_dir name>.tmp-*` beside `out_dir`. When `out_dir` is absent the staging folder
+  is renamed to it (one atomic step); otherwise the old marker is removed first, then
+  the files move in one by one, the marker last. So a crash or `kill -9` leaves only
+  complete files under their final names, and the marker only beside a complete set;
+  a killed run can leave its staging folder behind (safe to delete). Other files in
+  `out_dir` are kept: callers decide beforehand what may be replaced.
+
+  Raises:
+    ProgressionError: naming `out_dir` on OS errors (parent not writable, disk full).
+  """
+  out = Path(out_dir).absolute()
+  names = list(writers)
+  make_folder(out.parent, f'folder for {out}')
+  try:
+    staging = Path(tempfile.mkdtemp(prefix=f'.{out.name}.tmp-', dir=out.parent))
+  except OSError as e:
+    raise ProgressionError(f'{out}: cannot write to {out.parent}: {e.strerror or e}') from None
+  try:
+    for name, write in writers.items():
+      write(staging / name)
+    if not out.exists():
+      os.chmod(staging, 0o777 & ~_current_umask())
+      with contextlib.suppress(OSError):  # Made meanwhile: move the files in instead.
+        staging.rename(out)
+        return [out / name for name in names]
+    (out / names[-1]).unlink(missing_ok=True)
+    for name in names:
+      os.replace(staging / name, out / name)
+  except OSError as e:
+    raise ProgressionError(f'{out}: cannot write the output files: {e.strerror or e}') from None
+  finally:
+    shutil.rmtree(staging, ignore_errors=True)
+  return [out / name for name in names]
+
+
 def _atomic_write(path: Path, write) -> Path:
   """Runs `write(tmp)` on a temporary file beside `path`, then renames it onto `path`.
 
@@ -138,10 +195,7 @@ def _atomic_write(path: Path, write) -> Path:
   is either complete or untouched. OS errors (folder not creatable or not
   writable, disk full) become `ProgressionError`s naming the path.
   """
-  try:
-    path.parent.mkdir(parents=True, exist_ok=True)
-  except OSError as e:
-    raise ProgressionError(f'{path}: cannot create the output folder {path.parent}: {e}') from None
+  make_folder(path.parent)
   if not path.parent.is_dir() or not os.access(path.parent, os.W_OK):
     raise ProgressionError(f'{path.parent}: output folder is not writable')
   suffix = ''.join(path.suffixes) or '.tmp'

@@ -441,7 +441,7 @@ def make_cohort(out_dir: str | os.PathLike, n_subjects: int,
       return out
     raise ProgressionError(f'{out}: refusing to write the cohort there: the folder is not empty '
                            f'and {why}; choose another folder or delete it')
-  out.parent.mkdir(parents=True, exist_ok=True)
+  io.make_folder(out.parent, f'folder for the cohort {out}')
   tmp = Path(tempfile.mkdtemp(prefix=f'{out.name}.tmp-', dir=out.parent))
   try:
     plans = plan_cohort(params['n_subjects'], params['n_visits'], params['seed'],

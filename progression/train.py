@@ -19,7 +19,7 @@ import optax
 import pandas as pd
 from absl import logging
 
-from progression import (checkpoints, cohort, covariates, input_pipeline, metric_writers,
+from progression import (checkpoints, cohort, covariates, input_pipeline, io, metric_writers,
                          parallel, preprocess, steps)
 from progression.errors import ProgressionError
 from progression.models import generator
@@ -142,10 +142,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path
   the loss becomes non-finite (the last good checkpoint is kept).
   """
   workdir = Path(workdir).absolute()
-  try:
-    workdir.mkdir(parents=True, exist_ok=True)
-  except OSError as e:
-    raise ProgressionError(f'{workdir}: cannot create the workdir: {e}') from None
+  io.make_folder(workdir, 'workdir')
   data = load_experiment_data(config)
   local_batch = config.per_device_batch_size * jax.local_device_count()
   global_batch = local_batch * jax.process_count()

@@ -201,7 +201,7 @@ out, where, count, overwrite = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.a
 image = nib.Nifti1Image(np.arange(64, dtype=np.float32).reshape(4, 4, 4), np.eye(4))
 trajectory = [forecast.Forecast(t, image, image, image, image, {'hippocampus': 1.0},
                                 {'hippocampus': 1.1}, 'labels') for t in (1.0, 2.0)]
-module = cli.nib if where == 'save' else cli.os
+module = cli.nib if where == 'save' else cli.io.os
 real, calls = getattr(module, where), []
 def killing(*args):
   calls.append(args)

@@ -26,6 +26,7 @@ the real follow-up and returns one row per pair x region x method (`ROW_COLUMNS`
 """
 
 import dataclasses
+import functools
 import json
 import math
 from collections.abc import Callable, Mapping, Sequence
@@ -382,8 +383,9 @@ def write_report(out_dir: str | Path, evaluation: Evaluation, summary: pd.DataFr
                  extra_tables: Mapping[str, pd.DataFrame] | None = None) -> dict[str, Path]:
   """Writes pairs.csv, summary.csv, report.html and report.md (+ `extra_json` files).
 
-  Each file is rendered in memory, then written atomically (temporary file + rename), so it
-  appears only when complete; the markdown, written last, marks a finished report.
+  Each file is rendered in memory, then the set is written all or nothing by
+  `io.write_folder` (staged beside `out_dir`, moved in with report.md last), so a
+  crash or kill -9 leaves only complete files, and report.md only beside a complete report.
 
   Args:
     out_dir: the report folder (created; must be empty unless `overwrite`).
@@ -405,4 +407,9 @@ def write_report(out_dir: str | Path, evaluation: Evaluation, summary: pd.DataFr
       evaluation.rows, evaluation.examples, evaluation.methods, summary, headline, context,
       HEADLINE_REGIONS[evaluation.volume_method], extra_tables)
   texts['report.md'] = figures.render_markdown(headline, context, evaluation.volume_method)
-  return {name: io.atomic_write_text(out / name, text) for name, text in texts.items()}
+  writers = {name: functools.partial(_write_text, text=text) for name, text in texts.items()}
+  return dict(zip(texts, io.write_folder(out, writers)))
+
+
+def _write_text(path: Path, text: str) -> None:
+  path.write_text(text)
