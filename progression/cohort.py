@@ -258,7 +258,7 @@ def read_visits(spec: CohortSpec, root: PathLike) -> pd.DataFrame:
   for row in rows:
     image, labels = _paths(spec, root, row)
     if image is not None:
-      records.append({'subject': row.subject, 'session': row.session,
+      records.append({'subject': row.subject, 'session': row.session, 'where': row.where,
                       'time_years': row.time_years,
                       **covariates_to_dict(_row_covariates(spec, row, reference)),
                       'image_path': image, 'labels_path': labels})
@@ -267,9 +267,27 @@ def read_visits(spec: CohortSpec, root: PathLike) -> pd.DataFrame:
     first[rec['subject']] = min(first.get(rec['subject'], math.inf), rec['time_years'])
   for rec in records:
     rec['years_from_first'] = rec.pop('time_years') - first[rec['subject']]
+  _check_ages_increase(records)
   visits = _frame(records, VISIT_COLUMNS)
   return visits.sort_values(['subject', 'years_from_first'], kind='stable',
                             ignore_index=True)
+
+
+def _check_ages_increase(records: Sequence[Mapping[str, Any]]) -> None:
+  """Age at the visit must not fall as the visit time grows (catches swapped ages/sessions)."""
+  by_subject: dict[str, list[Mapping[str, Any]]] = {}
+  for rec in records:
+    by_subject.setdefault(rec['subject'], []).append(rec)
+  for visits in by_subject.values():
+    aged = sorted((r for r in visits if not is_missing(r['age_years'])),
+                  key=lambda r: r['years_from_first'])
+    for earlier, later in zip(aged, aged[1:]):
+      if later['age_years'] < earlier['age_years'] - 1e-6:
+        raise ProgressionError(
+            f"{later['where']}: field age: age at the visit {later['age_years']:.2f} y is below "
+            f"{earlier['age_years']:.2f} y at the earlier session {earlier['session']} "
+            f"({later['years_from_first'] - earlier['years_from_first']:.2f} y before); the "
+            'visit time and the age disagree')
 
 
 def _frame(records: Sequence[Mapping[str, Any]], columns: Sequence[str]) -> pd.DataFrame:

@@ -127,6 +127,23 @@ def test_duplicate_visits(tmp_path, second, match):
     cohort.read_visits(cohort.load_spec('synthetic'), root)
 
 
+def test_age_falling_while_time_grows_names_row_session_and_field(tmp_path):
+  # Rows out of time order on purpose: the check follows the session time, not the row order.
+  sessions = {'sub-001': [['ses-M024', 69.5, 'CN', 29, 0], ['ses-M000', 70, 'CN', 29, 0],
+                          ['ses-M012', 71, 'CN', 29, 0]]}
+  root = make_bids(tmp_path, sessions=sessions)
+  with pytest.raises(ProgressionError,
+                     match=r'sub-001_sessions.tsv row 1 subject sub-001 session ses-M024: '
+                           r'field age: .*69.50 y is below 71.00 y at the earlier session '
+                           r'ses-M012'):
+    cohort.read_visits(cohort.load_spec('synthetic'), root)
+  # The same ages in time order load; a missing age is not compared.
+  sessions['sub-001'][0][1] = 72.0
+  sessions['sub-001'][2][1] = 'n/a'
+  visits = cohort.read_visits(cohort.load_spec('synthetic'), make_bids(tmp_path / 'ok', sessions))
+  assert visits.age_years.tolist()[::2] == [70.0, 72.0]
+
+
 def test_bad_session_code_and_missing_sessions_file(tmp_path):
   root = make_bids(tmp_path / 'a', sessions={'sub-001': [['ses-baseline', 70, 'CN', 29, 0]]})
   with pytest.raises(ProgressionError, match="session id 'ses-baseline' does not match"):
