@@ -9,6 +9,8 @@ step is what restores after a crash or `kill -9`.
 """
 
 import json
+import logging
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -52,6 +54,7 @@ class Checkpointer:
   def restore(self, state_template: Any, step: int | None = None) -> tuple[Any, dict]:
     """Restores the state (shaped like `state_template`) and metadata of `step` (default latest)."""
     step = self._require_step(step)
+    _silence_aborted_restore()
     try:
       restored = self._manager.restore(step, args=ocp.args.Composite(
           state=ocp.args.StandardRestore(state_template),
@@ -59,7 +62,7 @@ class Checkpointer:
     except Exception as e:  # orbax raises many types for damaged folders.
       raise ProgressionError(
           f'{self.directory}/{step}: cannot restore checkpoint (damaged or from another '
-          f'model configuration): {type(e).__name__}: {e}') from None
+          f'model configuration): {type(e).__name__}: {_first_line(e)}') from None
     return restored['state'], dict(restored['metadata'])
 
   def restore_metadata(self, step: int | None = None) -> dict:
@@ -90,6 +93,41 @@ class Checkpointer:
     if step is None:
       raise ProgressionError(f'{self.directory}: no finished checkpoint found')
     return step
+
+
+_silenced = False  # Whether `_silence_aborted_restore` ran in this process.
+
+
+def _silence_aborted_restore() -> None:
+  """Filters out the noise a failed orbax restore leaves behind (idempotent, process-wide).
+
+  When one array of a restore fails, orbax closes its event loop while TensorStore still
+  holds reads of the other arrays; as those finish, during the restore or as late as
+  interpreter exit, their callbacks raise 'Event loop is closed' (printed as unraisable
+  exceptions) and asyncio logs 'Task exception was never retrieved' for the failed reads.
+  The error that matters becomes our ProgressionError, so exactly these two are dropped.
+  """
+  global _silenced
+  if _silenced:
+    return
+  _silenced = True
+  previous = sys.unraisablehook
+
+  def hook(unraisable):
+    value = unraisable.exc_value
+    if not (isinstance(value, RuntimeError) and str(value) == 'Event loop is closed'):
+      previous(unraisable)
+
+  sys.unraisablehook = hook
+  logging.getLogger('asyncio').addFilter(
+      lambda record: not str(record.msg).startswith('Task exception was never retrieved'))
+
+
+def _first_line(error: Exception, max_chars: int = 200) -> str:
+  """The gist of a library error: orbax/TensorStore messages run to dozens of lines."""
+  lines = str(error).strip().splitlines() or ['']
+  line = lines[0]
+  return line if len(line) <= max_chars else line[:max_chars] + '...'
 
 
 def _check_version(metadata: dict, where: Path) -> None:
