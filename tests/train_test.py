@@ -4,22 +4,18 @@ import functools
 import json
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import nibabel as nib
 import pytest
 from scipy import ndimage
 
-from progression import (checkpoints, covariates, input_pipeline, labels, parallel, steps,
-                         train)
+from progression import covariates, input_pipeline, labels, parallel, steps, train
 from progression.errors import ProgressionError
 from tests.conftest import tiny_config
 
@@ -131,54 +127,6 @@ def test_refuses_to_resume_with_another_grid(synthetic_cohort, tmp_path):
 def test_missing_cohort_root_is_a_clear_error(tmp_path):
   with pytest.raises(ProgressionError, match='cohort.root'):
     train.train_and_evaluate(tiny_config(''), tmp_path)
-
-
-def _train_command(cohort_root, workdir, num_steps):
-  return [sys.executable, '-m', 'experiments.train', '--config=experiments/configs/tiny.py',
-          f'--config.cohort.root={cohort_root}', f'--workdir={workdir}',
-          f'--config.num_steps={num_steps}', '--config.checkpoint_every_steps=2']
-
-
-def _final_params(workdir):
-  checkpointer = checkpoints.Checkpointer(checkpoints.checkpoint_dir(workdir), read_only=True)
-  metadata = checkpointer.restore_metadata()
-  from ml_collections import ConfigDict
-  template = train.create_train_state(ConfigDict(metadata['config']), jax.random.PRNGKey(0))
-  state, _ = checkpointer.restore(template)
-  return int(state.step), _leaves(state.params)
-
-
-def _finished_steps(workdir):
-  folder = checkpoints.checkpoint_dir(workdir)
-  if not folder.is_dir():
-    return []
-  return sorted(int(p.name) for p in folder.iterdir()
-                if p.name.isdigit() and (p / 'commit_success.txt').exists())
-
-
-def test_kill_9_then_resume_gives_the_uninterrupted_parameters(synthetic_cohort, tmp_path):
-  num_steps = 10
-  subprocess.run(_train_command(synthetic_cohort, tmp_path / 'straight', num_steps),
-                 cwd=REPO, check=True, capture_output=True)
-  # Kill at several points: right after the first finished checkpoint, then later ones.
-  killed = tmp_path / 'killed'
-  for wait_for_step in (2, 6):
-    proc = subprocess.Popen(_train_command(synthetic_cohort, killed, num_steps), cwd=REPO,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 300
-    while not any(s >= wait_for_step for s in _finished_steps(killed)):
-      assert proc.poll() is None, 'training ended before it could be killed'
-      assert time.time() < deadline
-      time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-  subprocess.run(_train_command(synthetic_cohort, killed, num_steps), cwd=REPO, check=True,
-                 capture_output=True)
-  step_a, params_a = _final_params(tmp_path / 'straight')
-  step_b, params_b = _final_params(killed)
-  assert step_a == step_b == num_steps
-  for a, b in zip(params_a, params_b):
-    np.testing.assert_array_equal(a, b)
 
 
 def _free_port() -> int:
