@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from progression import labels
 from progression.errors import ProgressionError
 from progression.models import warp as warp_lib
 
@@ -127,6 +128,42 @@ def dice_loss(warped_onehot: Array, target_onehot: Array, include_background: bo
   p, t = p.reshape(b, -1, k), t.reshape(b, -1, k)
   inter = jnp.sum(p * t, axis=1)
   total = jnp.sum(p, axis=1) + jnp.sum(t, axis=1)
+  return _dice_loss_from_sums(inter, total, eps)
+
+
+def warped_labels_dice(baseline_classes: Array, followup_classes: Array, displacement: Array,
+                       num_classes: int, eps: float = 1e-6) -> Array:
+  """Soft Dice loss of the warped baseline labels against the follow-up labels: [B].
+
+  Equals `dice_loss(warp_labels_onehot(one_hot(baseline_classes), displacement),
+  one_hot(followup_classes))` (background, class 0, excluded) without building one-hot
+  maps: from `warp.warp_label_corners`, the warped mass of class k is the sum of the
+  corner weights whose corner has class k, and the overlap at voxel p is the weight of
+  the corners whose class is the follow-up's class at p. The per-class sums fuse into
+  reductions, so memory traffic does not grow with the number of classes.
+
+  Args:
+    baseline_classes, followup_classes: [B, x, y, z] integer class indices < num_classes.
+    displacement: [B, x, y, z, 3] voxels (prediction = warp(baseline, displacement)).
+    num_classes: K, including the background class 0.
+  """
+  _same_shape('warped_labels_dice', baseline_classes, followup_classes)
+  corner_classes, weights = warp_lib.warp_label_corners(baseline_classes, displacement)
+  target = followup_classes.astype(jnp.int32)
+  ks = jnp.arange(1, num_classes, dtype=jnp.int32)
+  overlap = jnp.sum(jnp.where(corner_classes == target[None], weights, 0.0), axis=0)
+  # Per-class sums as masked reductions ([..., K-1] broadcasts that XLA fuses into the
+  # reduce; an einsum with a one-hot operand would materialise it).
+  class_sum = lambda values, classes, axes: jnp.sum(
+      jnp.where(classes[..., None] == ks, values[..., None], 0.0), axis=axes)
+  warped_mass = class_sum(weights, corner_classes, (0, 2, 3, 4))
+  inter = class_sum(overlap, target, (1, 2, 3))
+  total = warped_mass + class_sum(jnp.ones_like(overlap), target, (1, 2, 3))
+  return _dice_loss_from_sums(inter, total, eps)
+
+
+def _dice_loss_from_sums(inter: Array, total: Array, eps: float) -> Array:
+  """1 - mean Dice over the classes present, from per-class sums [B, K]: [B]."""
   dice = 2.0 * inter / jnp.maximum(total, eps)
   present = (total > eps).astype(jnp.float32)
   count = jnp.sum(present, axis=1)
@@ -148,8 +185,8 @@ def total_loss(outputs: Mapping[str, Array], batch: Mapping[str, Any],
       'jacobian').
     batch: 'baseline', 'followup' [B,x,y,z,1], 'years' [B], 'covariates';
       optional 'mask' [B,x,y,z] (brain mask for the image MSE) and
-      'baseline_labels_onehot' / 'followup_labels_onehot' [B,x,y,z,K] float
-      (compact classes, channel 0 background; required when weights['dice'] > 0).
+      'baseline_labels' / 'followup_labels' [B,x,y,z] integer class indices into
+      `labels.CLASS_IDS` (0 = background; required when weights['dice'] > 0).
     weights: Python floats for 'image' (MSE), 'ncc', 'smoothness', 'dice',
       'folding'; 0 disables a term (it is then not computed). Missing keys = 0.
   Returns:
@@ -167,11 +204,11 @@ def total_loss(outputs: Mapping[str, Array], batch: Mapping[str, Any],
   if w['smoothness']:
     metrics['smoothness'] = smoothness(outputs['velocity'])
   if w['dice']:
-    if 'baseline_labels_onehot' not in batch or 'followup_labels_onehot' not in batch:
-      raise ProgressionError("weights['dice'] > 0 needs batch['baseline_labels_onehot'] and "
-                             "batch['followup_labels_onehot']")
-    warped = warp_lib.warp_labels_onehot(batch['baseline_labels_onehot'], outputs['displacement'])
-    metrics['dice'] = dice_loss(warped, batch['followup_labels_onehot'])
+    if 'baseline_labels' not in batch or 'followup_labels' not in batch:
+      raise ProgressionError("weights['dice'] > 0 needs batch['baseline_labels'] and "
+                             "batch['followup_labels']")
+    metrics['dice'] = warped_labels_dice(batch['baseline_labels'], batch['followup_labels'],
+                                         outputs['displacement'], labels.NUM_CLASSES)
   if w['folding']:
     metrics['folding'] = folding(outputs['jacobian'])
   term_of = {'image': 'mse', 'ncc': 'ncc', 'smoothness': 'smoothness', 'dice': 'dice',

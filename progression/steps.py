@@ -5,7 +5,7 @@ A batch is a dict of arrays with a leading per-device batch axis:
   years: `[B]` interval baseline -> follow-up in years;
   covariates: `[B, covariates.ENCODED_DIM]` encoded baseline covariates;
   baseline_labels, followup_labels: `[B, x, y, z]` uint8 class indices into
-    `labels.CLASS_IDS` (optional; one-hot encoded on the device for the Dice loss);
+    `labels.CLASS_IDS` (optional; for the Dice loss);
   valid: `[B]` 1.0 for real examples, 0.0 for padding (evaluation only).
 """
 
@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 from flax.training import train_state
 
-from progression import labels, losses
+from progression import losses
 
 Metrics = dict[str, jax.Array]
 
@@ -33,18 +33,9 @@ def _forward(apply_fn, params, batch: Mapping[str, jax.Array], train: bool) -> d
                   train=train)
 
 
-def _with_onehot_labels(batch: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
-  """Adds one-hot label maps for the Dice loss (the host ships compact class indices)."""
-  batch = dict(batch)
-  for key in ('baseline_labels', 'followup_labels'):
-    if key in batch:
-      batch[f'{key}_onehot'] = jax.nn.one_hot(batch[key], labels.NUM_CLASSES, dtype=jnp.float32)
-  return batch
-
-
 def _loss_terms(apply_fn, params, batch, loss_weights, train: bool):
   outputs = _forward(apply_fn, params, batch, train=train)
-  return losses.total_loss(outputs, _with_onehot_labels(batch), loss_weights)
+  return losses.total_loss(outputs, batch, loss_weights)
 
 
 def train_step(state: TrainState, batch: Mapping[str, jax.Array], rng: jax.Array, *,

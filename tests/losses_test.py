@@ -1,12 +1,12 @@
 """Losses against numpy truth functions, through jax.jit, per example."""
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 from scipy import ndimage
 
 from progression import losses
+from progression.models import warp as warp_lib
 from progression.errors import ProgressionError
 
 RNG = np.random.default_rng(0)
@@ -91,9 +91,8 @@ def test_folding_known_answer():
 def _batch_and_outputs():
   b = {'baseline': _img(seed=7), 'followup': _img(seed=8), 'years': np.ones(2, np.float32),
        'covariates': np.zeros((2, 4), np.float32)}
-  lab = RNG.integers(0, 3, size=(2, 8, 7, 6))
-  b['baseline_labels_onehot'] = np.eye(3, dtype=np.float32)[lab]
-  b['followup_labels_onehot'] = np.eye(3, dtype=np.float32)[np.roll(lab, 1, axis=1)]
+  lab = RNG.integers(0, 3, size=(2, 8, 7, 6)).astype(np.uint8)
+  b['baseline_labels'], b['followup_labels'] = lab, np.roll(lab, 1, axis=1)
   out = {'prediction': _img(seed=9), 'velocity': _img((2, 4, 4, 3, 3), seed=10),
          'displacement': np.zeros((2, 8, 7, 6, 3), np.float32),
          'jacobian': 1.0 - 0.3 * np.abs(_img((2, 8, 7, 6), seed=11))}
@@ -108,7 +107,8 @@ def test_total_loss_is_weighted_sum_of_terms():
   want = (losses.mse(out['prediction'], batch['followup'])
           + 0.5 * losses.local_ncc(out['prediction'], batch['followup'])
           + 0.1 * losses.smoothness(out['velocity'])
-          + 2.0 * losses.dice_loss(batch['baseline_labels_onehot'], batch['followup_labels_onehot'])
+          + 2.0 * losses.dice_loss(np.eye(3)[batch['baseline_labels']],  # zero displacement
+                                   np.eye(3)[batch['followup_labels']])
           + 3.0 * losses.folding(out['jacobian']))
   np.testing.assert_allclose(loss, want, rtol=1e-5)
   assert set(metrics) == {'mse', 'ncc', 'smoothness', 'dice', 'folding', 'loss'}
@@ -123,8 +123,47 @@ def test_total_loss_disabled_terms_and_errors():
   with pytest.raises(ProgressionError, match='unknown loss weights'):
     losses.total_loss(out, batch, {'imgae': 1.0})
   no_labels = {k: v for k, v in batch.items() if 'labels' not in k}
-  with pytest.raises(ProgressionError, match='baseline_labels_onehot'):
+  with pytest.raises(ProgressionError, match='baseline_labels'):
     losses.total_loss(out, no_labels, {'dice': 1.0})
+
+
+def test_warped_labels_dice_equals_dice_of_warped_onehot_maps_and_its_gradient():
+  num_classes = 5
+  lab = RNG.integers(0, num_classes, size=(2, 9, 8, 7))
+  target = RNG.integers(0, num_classes, size=(2, 9, 8, 7))
+  target[1] = np.where(target[1] == 3, 0, target[1])  # A class only in the prediction.
+  disp = RNG.normal(0.0, 2.0, size=(2, 9, 8, 7, 3)).astype(np.float32)  # Some clamped.
+
+  def reference(d):
+    warped = warp_lib.warp_labels_onehot(jax.nn.one_hot(lab, num_classes), d)
+    return losses.dice_loss(warped, jax.nn.one_hot(target, num_classes)).sum()
+
+  ours = lambda d: losses.warped_labels_dice(lab, target, d, num_classes).sum()
+  want, want_grad = jax.value_and_grad(reference)(disp)
+  got, got_grad = jax.jit(jax.value_and_grad(ours))(disp)
+  np.testing.assert_allclose(got, want, rtol=1e-5)
+  np.testing.assert_allclose(got_grad, want_grad, rtol=1e-4, atol=1e-7)
+  assert np.abs(want_grad).max() > 1e-4
+
+
+def test_warped_labels_dice_known_answers():
+  lab = np.zeros((1, 8, 8, 8), np.int32)
+  lab[0, 2:5, 2:6, 3:6] = 1
+  lab[0, 5:7, 2:6, 3:6] = 2
+  shifted = np.roll(lab, 1, axis=1)  # The follow-up moved one voxel up x.
+  disp = np.zeros((1, 8, 8, 8, 3), np.float32)
+  # Same labels: loss 0; shifted: class 1 (36 voxels) overlaps 24, class 2 (24) overlaps 12.
+  dice = lambda d, t: float(losses.warped_labels_dice(lab, t, d, 3)[0])
+  assert dice(disp, lab) == pytest.approx(0.0, abs=1e-7)
+  assert dice(disp, shifted) == pytest.approx(1 - (2 * 24 / 72 + 2 * 12 / 48) / 2, rel=1e-6)
+  # Reading from one voxel back (u = -1 along x) moves the labels onto the follow-up's.
+  disp[..., 0] = -1.0
+  assert dice(disp, shifted) == pytest.approx(0.0, abs=1e-6)
+  # Half a voxel: every class boundary voxel is half and half.
+  disp[..., 0] = -0.5
+  assert 0.0 < dice(disp, shifted) < dice(np.zeros_like(disp), shifted)
+  with pytest.raises(ProgressionError, match='shapes differ'):
+    losses.warped_labels_dice(lab, lab[:, 1:], disp, 3)
 
 
 def test_shape_mismatch_errors():

@@ -166,6 +166,32 @@ def warp(image: Array, displacement: Array) -> Array:
   return _unplanar(out)
 
 
+def warp_label_corners(classes: Array, displacement: Array) -> tuple[Array, Array]:
+  """Trilinear pull-back of a label map, kept as (corner classes, corner weights).
+
+  The soft label that `warp_labels_onehot(one_hot(classes), displacement)` gives at p is
+  sum over the 8 corners c of weights[c, p] * one_hot(corner_classes[c, p]): this form
+  never builds the K-channel maps (K times less memory traffic for K classes), and losses
+  can reduce it per class directly (`losses.warped_labels_dice`).
+
+  Args:
+    classes: [B, x, y, z] integer class indices.
+    displacement: [B, x, y, z, 3] in voxels.
+  Returns:
+    corner_classes [8, B, x, y, z] int32 (class at each corner of the cell read by each
+    output voxel) and weights [8, B, x, y, z] float32 (trilinear weights, summing to 1;
+    differentiable in `displacement`, zero gradient where a coordinate was clamped).
+  """
+  _check_warp_args(classes[..., None], displacement)
+  idx, (fx, fy, fz), inside = _corners(_planar(displacement.astype(jnp.float32)))
+  # Clamped coordinates pass no gradient (as in `warp`): stop it on their fractions.
+  fx, fy, fz = [jnp.where(ok, f, lax.stop_gradient(f)) for f, ok in zip((fx, fy, fz), inside)]
+  corner_classes = jnp.stack(_gather_corners(classes.astype(jnp.int32)[None], idx))[:, 0]
+  wx, wy, wz = (1 - fx, fx), (1 - fy, fy), (1 - fz, fz)
+  weights = jnp.stack([wx[i] * wy[j] * wz[k] for i, j, k in _CORNERS])
+  return corner_classes, weights
+
+
 def warp_labels_onehot(onehot: Array, displacement: Array) -> Array:
   """Warps one-hot (or soft) label maps: [B, x, y, z, K] -> soft labels, float32.
 
