@@ -65,6 +65,29 @@ def test_model_classes_ordered_by_mean():
   assert _dice(seg == 3, truth == tissue.CSF, True) > 0.9
 
 
+def _voxel_em(x, iterations=3000):
+  """Reference: plain EM over every voxel value (what the histogram EM approximates)."""
+  lo, mid, hi = np.quantile(x, [1 / 6, 1 / 2, 5 / 6])
+  means, stds, weights = np.array([lo, mid, hi]), np.full(3, (hi - lo) / 4), np.full(3, 1 / 3)
+  for _ in range(iterations):
+    dens = weights * np.exp(-0.5 * ((x[:, None] - means) / stds) ** 2) / stds
+    resp = dens / dens.sum(axis=1, keepdims=True)
+    nk = resp.sum(axis=0)
+    weights, means = nk / nk.sum(), (resp * x[:, None]).sum(axis=0) / nk
+    stds = np.sqrt((resp * (x[:, None] - means) ** 2).sum(axis=0) / nk)
+  return means, stds, weights
+
+
+def test_histogram_em_matches_em_over_voxels():
+  image, truth = _phantom(noise=0.12, seed=5)  # Overlapping classes: EM has work to do.
+  model = tissue.fit_tissue_model(image, truth > 0)
+  means, stds, weights = _voxel_em(image[truth > 0])
+  spread = np.ptp(image[truth > 0])
+  np.testing.assert_allclose(model.means, means, atol=1e-3 * spread)
+  np.testing.assert_allclose(model.stds, stds, atol=1e-3 * spread)
+  np.testing.assert_allclose(model.weights, weights, atol=1e-3)
+
+
 def test_deterministic():
   image, truth = _phantom(noise=0.1, seed=3)
   a = tissue.tissue_probabilities(image)

@@ -118,10 +118,13 @@ def otsu_thresholds(values: np.ndarray, classes: int = 2, bins: int = 64) -> tup
   return tuple(float(edges[i + 1]) for i in best)  # index i <-> cut after bin i + 1
 
 
-def fit_tissue_model(image: np.ndarray, mask: np.ndarray, max_iterations: int = 200,
-                     tol: float = 1e-7) -> TissueModel:
+def fit_tissue_model(image: np.ndarray, mask: np.ndarray, max_iterations: int = 2000,
+                     tol: float = 1e-10, bins: int = 1024) -> TissueModel:
   """Fits a 3-class Gaussian mixture to the intensities inside `mask` by EM.
 
+  EM runs on a `bins`-bin histogram of the masked intensities (each bin centre weighted by
+  its count): the same fixed point as EM on the voxels up to the bin width (range / bins),
+  but each iteration costs `bins` instead of one step per voxel (a 1.5 mm brain has ~1M).
   Initial means are the 1/6, 1/2 and 5/6 intensity quantiles, initial stds a quarter of the
   inter-quantile spread, weights equal. Stds are floored at 1e-3 of the intensity range so a
   class cannot collapse. Iterates until the mean log-likelihood improves by < `tol`.
@@ -139,21 +142,25 @@ def fit_tissue_model(image: np.ndarray, mask: np.ndarray, max_iterations: int = 
   spread = float(x.max() - x.min())
   if spread <= 0:
     raise ProgressionError('fit_tissue_model: intensities inside the mask are constant')
+  counts, edges = np.histogram(x, bins=bins)
+  keep = counts > 0
+  centers = (0.5 * (edges[:-1] + edges[1:]))[keep][:, None]
+  counts = counts[keep].astype(np.float64)[:, None]
   floor = 1e-3 * spread
   means = np.array([lo, mid, hi], dtype=np.float64)
   stds = np.full(3, max((hi - lo) / 4.0, floor))
   weights = np.full(3, 1.0 / 3.0)
   previous = -np.inf
   for _ in range(max_iterations):
-    log_joint = np.log(weights) + _log_gauss(x[:, None], means, stds)
+    log_joint = np.log(weights) + _log_gauss(centers, means, stds)
     log_norm = np.logaddexp.reduce(log_joint, axis=1, keepdims=True)
-    resp = np.exp(log_joint - log_norm)
+    resp = counts * np.exp(log_joint - log_norm)
     nk = resp.sum(axis=0) + 1e-12
     weights = nk / nk.sum()
-    means = (resp * x[:, None]).sum(axis=0) / nk
-    stds = np.sqrt((resp * (x[:, None] - means) ** 2).sum(axis=0) / nk)
+    means = (resp * centers).sum(axis=0) / nk
+    stds = np.sqrt((resp * (centers - means) ** 2).sum(axis=0) / nk)
     stds = np.maximum(stds, floor)
-    loglik = float(log_norm.mean())
+    loglik = float((counts * log_norm).sum() / counts.sum())
     if loglik - previous < tol:
       break
     previous = loglik
