@@ -30,12 +30,9 @@ log-normal factor (~20 %); MCI converters progress 1.3 x, stable MCI 0.87 x.
 import dataclasses
 import json
 import math
-import multiprocessing
 import os
 import shutil
-import sys
 import tempfile
-import threading
 from collections.abc import Callable
 from pathlib import Path
 
@@ -46,6 +43,7 @@ import progression
 from progression import io
 from progression import labels as L
 from progression import phantom
+from progression import workers as worker_pool
 from progression.errors import ProgressionError
 
 DIAGNOSES = ('CN', 'MCI', 'AD')
@@ -475,31 +473,11 @@ def _umask() -> int:
 
 
 def _map(jobs: list[tuple], params: dict, workers: int | None):
-  """Yields `_make_subject(job)` results, in a spawn-started process pool for big jobs."""
+  """Yields `_make_subject(job)` results, in a process pool for big jobs."""
   if workers is None:  # Auto: a pool only when it pays for its ~1 s start.
     seconds = len(jobs) * params['n_visits'] * 0.15 * np.prod(params['shape']) / 64 ** 3
-    workers = min(len(os.sched_getaffinity(0)), 8) if seconds > 3.0 else 1
-  if workers <= 1 or len(jobs) < 2:
-    yield from map(_make_subject, jobs)
-    return
-  context = _pool_context()
-  if context is None:
-    yield from map(_make_subject, jobs)
-    return
-  with context.Pool(min(workers, len(jobs))) as pool:
-    yield from pool.imap_unordered(_make_subject, jobs)
-
-
-def _pool_context():
-  """fork when nothing else runs threads; spawn after JAX (its threads do not survive fork);
-  None (run serially) when spawn could not re-import the main script, e.g. `python -`."""
-  if 'jax' not in sys.modules and threading.active_count() == 1 and (
-      'fork' in multiprocessing.get_all_start_methods()):
-    return multiprocessing.get_context('fork')
-  main_file = getattr(sys.modules['__main__'], '__file__', None)
-  if main_file is not None and not os.path.isfile(main_file):
-    return None
-  return multiprocessing.get_context('spawn')
+    workers = worker_pool.available_cpus() if seconds > 3.0 else 1
+  yield from worker_pool.map_unordered(_make_subject, jobs, workers)
 
 
 def subject_rates(ground_truth: pd.DataFrame, region: str) -> pd.Series:

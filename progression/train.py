@@ -22,6 +22,7 @@ from absl import logging
 from progression import (checkpoints, cohort, covariates, input_pipeline, io, metric_writers,
                          parallel, preprocess, steps)
 from progression.errors import ProgressionError
+from progression.progress import ProgressBar
 from progression.models import generator
 
 
@@ -150,6 +151,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path
   train_set = input_pipeline.PairDataset(data.train, data.grid, cache_dir, data.normalizer)
   val_set = (input_pipeline.PairDataset(data.val, data.grid, cache_dir, data.normalizer)
              if len(data.val) else None)
+  for name, dataset in (('training', train_set), ('validation', val_set)):
+    if dataset is not None:
+      dataset.warm_cache(progress=ProgressBar(f'{name} subjects preprocessed'))
   if train_set.has_labels is False and config.loss.dice > 0:
     logging.warning('no label maps in the cohort: the Dice loss term is disabled')
     config = _with_loss(config, dice=0.0)
