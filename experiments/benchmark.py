@@ -13,13 +13,16 @@ call and the compile are timed apart):
     FLOPs, hence GFLOP/s against a measured matmul peak;
   * forecast: `forecast.Forecaster` (random parameters) on a synthetic NIfTI of each
     --forecast_sizes, with and without a label map, and its stages;
-  * input pipeline: `input_pipeline.train_batch` pairs/s on a synthetic cohort, cold cache
-    (first epoch) and cached, against the training step's consumption (samples/s);
+  * input pipeline: pairs/s on a synthetic cohort of `input_pipeline.train_batch` with a
+    cold cache (first epoch, one thread) and a cached one, and of the parallel cache
+    warm-up that training runs first (`PairDataset.warm_cache`), against the training
+    step's consumption (samples/s);
   * PyTorch + MONAI (`experiments/torch_reference.py`, the `bench` extra): the same
     generator and velocity network, and the ratios ours / PyTorch; skipped without torch.
 Each measurement runs in its own subprocess (the forced CPU device count,
 XLA_FLAGS=--xla_force_host_platform_device_count=N, must be set before jax is imported),
-which also gives a per-measurement peak RSS. The logic is importable: `run_benchmark`.
+which also gives a per-measurement peak RSS. The logic is importable: `run_benchmark`;
+the measurements are in `benchmark_tasks`, the summary and tables in `benchmark_report`.
 """
 
 import dataclasses
@@ -30,7 +33,6 @@ import json
 import os
 import platform
 import re
-import resource
 import shlex
 import subprocess
 import sys
@@ -42,7 +44,8 @@ from typing import Any, Callable, Sequence
 from absl import app, flags
 from ml_collections import config_flags
 
-from experiments.timing import time_calls
+from experiments.benchmark_report import format_tables, size_name, summarize
+from experiments.benchmark_tasks import TASKS
 
 REPO = Path(__file__).resolve().parents[1]
 Shape = tuple[int, int, int]
@@ -56,10 +59,6 @@ def parse_size(text: str) -> Shape:
   return tuple(parts * 3) if len(parts) == 1 else tuple(parts)
 
 
-def size_name(shape: Sequence[int]) -> str:
-  return 'x'.join(str(int(s)) for s in shape)
-
-
 @dataclasses.dataclass(frozen=True)
 class Options:
   """What to measure. Sizes in voxels; times in seconds."""
@@ -71,7 +70,7 @@ class Options:
   input_voxel_mm: float = 1.5  # Voxel edge (mm) of the synthetic NIfTI inputs.
   pipeline: bool = True
   pipeline_source: Shape = (120, 144, 120)  # NIfTI grid of the pipeline's synthetic cohort.
-  pipeline_subjects: int = 4  # x 3 visits -> 3 pairs per subject.
+  pipeline_subjects: int = 8  # x 3 visits -> 3 pairs per subject.
   torch: bool = True
   torch_sizes: tuple[Shape, ...] = ((64, 64, 64),)
   torch_batches: tuple[int, ...] = (1, 2)  # PyTorch picks oneDNN convs only for batch > 1.
@@ -80,237 +79,6 @@ class Options:
   # XLA's persistent compilation cache for the workers (None: off; an existing
   # JAX_COMPILATION_CACHE_DIR wins). Compiles read from it are flagged in the results.
   compilation_cache_dir: str | None = '~/.cache/progression/xla-benchmark'
-
-
-# ------------------------------------------------------------------------- helpers (workers)
-
-
-def random_batch(config, shape: Sequence[int], batch: int, seed: int = 0) -> dict:
-  """Host arrays shaped and typed as `input_pipeline.train_batch` gives them ([batch, ...])."""
-  import numpy as np
-  from progression import covariates, labels
-  rng = np.random.default_rng(seed)
-  classes = lambda: rng.integers(0, labels.NUM_CLASSES, (batch, *shape)).astype(np.uint8)
-  out = {'baseline': rng.random((batch, *shape, 1), dtype=np.float32),
-         'followup': rng.random((batch, *shape, 1), dtype=np.float32),
-         'years': rng.uniform(0.5, 3.0, batch).astype(np.float32),
-         'covariates': rng.standard_normal((batch, covariates.ENCODED_DIM)).astype(np.float32)}
-  if config.loss.dice > 0:
-    out['baseline_labels'], out['followup_labels'] = classes(), classes()
-  return out
-
-
-def memory() -> dict[str, Any]:
-  """Peak RSS of this process (MiB) and the device's peak bytes in use where reported."""
-  import jax
-  stats = jax.local_devices()[0].memory_stats() or {}
-  return {'maxrss_mib': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-          'device_peak_bytes': stats.get('peak_bytes_in_use')}
-
-
-class _CacheHits:
-  """Counts persistent-compilation-cache hits while active (so cached compiles are flagged)."""
-
-  def __enter__(self):
-    import jax
-    self.hits = 0
-    self._listener = lambda event, **kw: setattr(
-        self, 'hits', self.hits + (event == '/jax/compilation_cache/cache_hits'))
-    jax.monitoring.register_event_listener(self._listener)
-    return self
-
-  def __exit__(self, *exc):
-    import jax
-    jax.monitoring.unregister_event_listener(self._listener)
-
-
-def compile_step(pmapped, *args) -> dict[str, Any]:
-  """AOT-compiles a pmapped step (its executable is reused by later calls).
-
-  Returns compile_s (lowering + XLA compile, seconds), cache_hit (read from the persistent
-  cache), and flops (XLA cost analysis of one device's program; None if unavailable).
-  """
-  start = time.perf_counter()
-  with _CacheHits() as cache:
-    compiled = pmapped.lower(*args).compile()
-  out = {'compile_s': time.perf_counter() - start, 'cache_hit': cache.hits > 0, 'flops': None}
-  try:
-    cost = compiled.cost_analysis()
-    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-    out['flops'] = float(cost['flops']) if cost and cost.get('flops') else None
-  except Exception as e:  # Cost analysis is best effort (not every backend implements it).
-    out['cost_analysis_error'] = repr(e)
-  return out
-
-
-# --------------------------------------------------------------------------------- workers
-
-
-def generator_forward(state, batch) -> dict:
-  """The generator's forward pass as an eval-step function for `parallel.pmap_eval_step`:
-  per-example means of every output (so XLA computes them all) and the padding flags."""
-  import jax.numpy as jnp
-  out = state.apply_fn({'params': state.params}, batch['baseline'], batch['years'],
-                       batch['covariates'])
-  mean = lambda a: jnp.mean(a.reshape(a.shape[0], -1), axis=1)
-  return {**{k: mean(v) for k, v in out.items()}, 'valid': batch['valid']}
-
-
-def generator_task(spec: dict) -> dict:
-  """Forward and train step at one grid on `spec['devices']` devices (runs in a subprocess)."""
-  import functools
-  import jax
-  import ml_collections
-  import numpy as np
-  from progression import parallel, steps, train
-
-  config = ml_collections.ConfigDict(spec['config'])
-  shape = tuple(spec['size'])
-  config.grid.shape = shape
-  n = jax.local_device_count()
-  if n != spec['devices']:
-    return {'error': f'asked for {spec["devices"]} devices, {jax.default_backend()} has {n}'}
-  local_batch = config.per_device_batch_size * n
-  weights = train.loss_weights(config)
-  state = train.create_train_state(config, jax.random.PRNGKey(config.seed))
-  rstate = parallel.replicate(state)
-  rrng = parallel.replicate(jax.random.PRNGKey(1))
-  batch = parallel.shard_batch(random_batch(config, shape, local_batch))
-  eval_batch = {**batch, 'valid': np.ones((n, config.per_device_batch_size), np.float32)}
-  result = {'devices': n, 'local_batch': local_batch, 'backend': jax.default_backend()}
-
-  p_forward = parallel.pmap_eval_step(generator_forward)
-  result['forward'] = compile_step(p_forward, rstate, eval_batch)
-  result['forward'].update(time_calls(
-      lambda: jax.block_until_ready(p_forward(rstate, eval_batch)), spec['repetitions'],
-      spec['warmup']))
-
-  p_train = parallel.pmap_train_step(functools.partial(steps.train_step, loss_weights=weights))
-  result['train'] = compile_step(p_train, rstate, batch, rrng)
-  holder = {'state': rstate}
-
-  def train_call():
-    holder['state'], metrics = p_train(holder['state'], batch, rrng)  # state is donated
-    holder['metrics'] = jax.block_until_ready((holder['state'], metrics))[1]
-
-  result['train'].update(time_calls(train_call, spec['repetitions'], spec['warmup']))
-  result['train']['loss'] = float(np.asarray(holder['metrics']['loss'])[0])
-  for key in ('forward', 'train'):
-    r = result[key]
-    r['per_sample_s'] = r['median_s'] / local_batch
-    r['samples_per_s'] = local_batch / r['median_s']
-    if r['flops']:
-      r['gflop_per_s'] = r['flops'] * n / r['median_s'] / 1e9
-  if spec.get('velocity'):
-    result['velocity'] = _velocity_network(config, state.params, batch, spec)
-  result['memory'] = memory()
-  return result
-
-
-def _velocity_network(config, params, batch, spec) -> dict:
-  """The velocity network alone (covariate MLP + U-Net + head), forward and forward+backward,
-  on one device (for the comparison with PyTorch: it isolates the convolutions)."""
-  import jax
-  import jax.numpy as jnp
-  from progression import train
-  model = train.create_model(config)
-  image, cov = jnp.asarray(batch['baseline'][0]), jnp.asarray(batch['covariates'][0])
-  velocity = lambda p: model.apply({'params': p}, image, cov, method=model.velocity)
-  result = {}
-  for name, fn in (('forward', velocity),
-                   ('forward_backward', jax.grad(lambda p: jnp.mean(jnp.square(velocity(p)))))):
-    start = time.perf_counter()
-    compiled = jax.jit(fn).lower(params).compile()
-    cost = compiled.cost_analysis()
-    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-    r = {'compile_s': time.perf_counter() - start, 'flops': float(cost['flops']),
-         **time_calls(lambda: jax.block_until_ready(compiled(params)), spec['repetitions'],
-                      spec['warmup'])}
-    r['gflop_per_s'] = r['flops'] / r['median_s'] / 1e9
-    result[name] = r
-  return result
-
-
-def forecast_task(spec: dict) -> dict:
-  """`Forecaster.forecast` latency on a synthetic NIfTI of `spec['size']` voxels."""
-  import jax
-  import ml_collections
-  from progression import cohort, covariates, forecast, synthetic, train
-
-  config = ml_collections.ConfigDict(spec['config'])
-  with tempfile.TemporaryDirectory() as tmp:
-    root = synthetic.make_cohort(Path(tmp) / 'cohort', n_subjects=1, shape=tuple(spec['size']),
-                                 voxel_mm=spec['voxel_mm'], n_visits=2, seed=0, workers=1)
-    first = cohort.read_visits(cohort.load_spec('synthetic'), root).iloc[0]
-    image, label_map = first['image_path'], first['labels_path']
-    cov = cohort.covariates_of(first)
-    normalizer = covariates.CovariateNormalizer(age_mean=73.0, age_std=7.0,
-                                                education_mean=16.0, education_std=3.0)
-    state = train.create_train_state(config, jax.random.PRNGKey(config.seed))
-    forecaster = forecast.Forecaster(config, state.params, normalizer)
-    years = list(spec['years'])
-    reps, warmup = spec['repetitions'], spec['warmup']
-    result = {'model_grid': list(config.grid.shape), 'years': years,
-              'with_labels': time_calls(
-                  lambda: forecaster.forecast(image, cov, years, labels=label_map), reps, warmup),
-              'tissue': time_calls(lambda: forecaster.forecast(image, cov, years), reps, 0)}
-    subject = forecaster.prepare(image, label_map)
-    velocity = forecaster.velocity(subject, cov)
-    result['stages'] = {
-        'prepare': time_calls(lambda: forecaster.prepare(image, label_map), reps, 0),
-        'velocity': time_calls(lambda: forecaster.velocity(subject, cov), reps, 0),
-        'trajectory': time_calls(lambda: forecaster.trajectory(subject, velocity, years),
-                                 reps, 0)}
-  result['memory'] = memory()
-  return result
-
-
-def pipeline_task(spec: dict) -> dict:
-  """`input_pipeline.train_batch` pairs/s over one cold-cache epoch, then a cached one."""
-  import ml_collections
-  from progression import cohort, covariates, input_pipeline, synthetic, train
-
-  config = ml_collections.ConfigDict(spec['config'])
-  with tempfile.TemporaryDirectory() as tmp:
-    root = synthetic.make_cohort(Path(tmp) / 'cohort', n_subjects=spec['subjects'],
-                                 shape=tuple(spec['source']), voxel_mm=spec['voxel_mm'],
-                                 n_visits=3, seed=0, workers=1)
-    pairs = cohort.make_pairs(cohort.read_visits(cohort.load_spec('synthetic'), root))
-    normalizer = covariates.fit_normalizer(
-        [cohort.covariates_of(row) for _, row in pairs.iterrows()])
-    dataset = input_pipeline.PairDataset(pairs, train.grid_from_config(config),
-                                         Path(tmp) / 'cache', normalizer)
-    global_batch = spec['global_batch']
-    steps_per_epoch = max(len(dataset) // global_batch, 1)
-
-    def epoch(index: int) -> float:
-      start = time.perf_counter()
-      for step in range(index * steps_per_epoch, (index + 1) * steps_per_epoch):
-        input_pipeline.train_batch(dataset, step, global_batch=global_batch, seed=config.seed,
-                                   intensity_jitter=config.augment.intensity_jitter,
-                                   flip_lr_prob=config.augment.flip_lr_prob)
-      return (steps_per_epoch * global_batch) / (time.perf_counter() - start)
-
-    result = {'pairs': len(dataset), 'global_batch': global_batch,
-              'uncached_pairs_per_s': epoch(0), 'cached_pairs_per_s': epoch(1)}
-  result['maxrss_mib'] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-  return result
-
-
-def matmul_task(spec: dict) -> dict:
-  """Measured float32 matmul peak: median GFLOP/s of an n x n jnp.dot (n: 2048 CPU, 8192 GPU)."""
-  import jax
-  import jax.numpy as jnp
-  n = spec.get('n') or (2048 if jax.default_backend() == 'cpu' else 8192)
-  a = jax.random.normal(jax.random.PRNGKey(0), (n, n), jnp.float32)
-  dot = jax.jit(jnp.dot)
-  timing = time_calls(lambda: jax.block_until_ready(dot(a, a)), spec['repetitions'], 2)
-  return {'n': n, 'backend': jax.default_backend(), 'device': str(jax.devices()[0]),
-          'gflop_per_s': 2 * n ** 3 / timing['median_s'] / 1e9, **timing}
-
-
-TASKS = {'generator': generator_task, 'forecast': forecast_task, 'pipeline': pipeline_task,
-         'matmul': matmul_task}
 
 
 # ---------------------------------------------------------------------------- orchestration
@@ -447,170 +215,6 @@ def run_benchmark(config, options: Options, out: str | Path | None = None,
   if out:
     Path(out).write_text(json.dumps(results, indent=1))
   return results
-
-
-# ---------------------------------------------------------------------------------- report
-
-
-def _get(d: Any, *keys: str) -> Any:
-  for k in keys:
-    d = d.get(k) if isinstance(d, dict) else None
-  return d
-
-
-def _ratio(a: float | None, b: float | None) -> float | None:
-  return a / b if a and b else None
-
-
-def _met(value: float | None, test: Callable[[float], bool]) -> bool | None:
-  """Whether a goal is met; None when it was not measured."""
-  return None if value is None else bool(test(value))
-
-
-def summarize(results: dict) -> dict:
-  """Ratios ours / PyTorch (time; < 1: ours faster), 2-vs-1-device scaling and the goals."""
-  gen = {(g['size'], g['devices']): g for g in results['generator'] if 'error' not in g}
-  runs = _get(results, 'torch', 'runs') or []
-  comparison = []
-  measures = {'forward': ('forward', 'per_sample_s'), 'train_step': ('train', 'per_sample_s'),
-              'velocity_forward': ('velocity', 'forward', 'median_s'),
-              'velocity_forward_backward': ('velocity', 'forward_backward', 'median_s')}
-  for size in dict.fromkeys(r['size'] for r in runs):
-    ours = {d: g for (s, d), g in gen.items() if s == size}
-    refs = {r['batch']: r for r in runs if r['size'] == size}
-    row = {'size': size, 'params_torch': next(iter(refs.values()))['params']}
-    for key, path in measures.items():
-      mine = {d: _get(g, *path) for d, g in ours.items() if _get(g, *path)}
-      theirs = {b: r[key]['per_sample_s'] for b, r in refs.items()}
-      best_d = min(mine, key=mine.get) if mine else None
-      best_b = min(theirs, key=theirs.get)
-      row[key] = {'ours_1device_s': mine.get(1), 'ours_best_s': mine.get(best_d),
-                  'ours_best_devices': best_d, 'torch_batch1_s': theirs.get(1),
-                  'torch_best_s': theirs[best_b], 'torch_best_batch': best_b,
-                  'ratio_batch1': _ratio(mine.get(1), theirs.get(1)),
-                  'ratio_best': _ratio(mine.get(best_d), theirs[best_b])}
-      flops = _get(ours.get(1), *path[:2], 'flops') if path[0] == 'velocity' else None
-      if flops:  # Same computation: XLA's FLOP count over each framework's time.
-        row[key]['gflop'] = flops / 1e9
-        row[key]['ours_gflop_per_s'] = _ratio(flops / 1e9, mine.get(1))
-        row[key]['torch_best_gflop_per_s'] = _ratio(flops / 1e9, theirs[best_b])
-    comparison.append(row)
-  scaling = {}
-  for (size, devices), g in gen.items():
-    one = gen.get((size, 1))
-    if devices > 1 and one:
-      scaling[f'{size}/{devices}'] = _ratio(g['train']['samples_per_s'],
-                                            one['train']['samples_per_s'])
-  peak = _get(results, 'matmul_peak', 'gflop_per_s')
-  for g in gen.values():
-    for key in ('forward', 'train'):
-      g[key]['fraction_of_matmul_peak'] = _ratio(g[key].get('gflop_per_s'), peak)
-  goals = []
-  at64 = next((r for r in comparison if r['size'] == '64x64x64'), None)
-  ratio = at64 and at64['train_step']['ratio_best']
-  goals.append({'goal': 'train step s/sample ours/PyTorch at 64^3 (each at its best '
-                        'device count / batch)', 'target': '<= 1.0', 'value': ratio,
-                'met': _met(ratio, lambda r: r <= 1.0)})
-  big = next((f for f in results['forecast'] if f['input'] == '120x144x120'), None)
-  latency = _get(big, 'with_labels', 'median_s')
-  goals.append({'goal': 'forecast latency at 120x144x120 (s)', 'target': '< 5',
-                'value': latency, 'met': _met(latency, lambda t: t < 5.0)})
-  for name, value in scaling.items():
-    goals.append({'goal': f'train samples/s {name.split("/")[1]} devices / 1 at '
-                          f'{name.split("/")[0]}', 'target': '>= 1.0', 'value': value,
-                  'met': _met(value, lambda r: r >= 1.0)})
-  grid = size_name(results['config']['grid']['shape'])
-  consumption = max((g['train']['samples_per_s'] for (s, _), g in gen.items() if s == grid),
-                    default=None)
-  pipe = results.get('pipeline') or {}
-  for key in ('cached_pairs_per_s', 'uncached_pairs_per_s'):
-    value = _ratio(pipe.get(key), consumption)
-    goals.append({'goal': f'pipeline {key.split("_")[0]} pairs/s / training samples/s at {grid}',
-                  'target': '>= 2.0', 'value': value, 'met': _met(value, lambda r: r >= 2.0)})
-  return {'comparison': comparison, 'device_scaling': scaling,
-          'training_consumption_samples_per_s': consumption, 'goals': goals}
-
-
-def _f(x: Any, digits: int = 3) -> str:
-  if x is None:
-    return '-'
-  if isinstance(x, bool):
-    return 'yes' if x else 'NO'
-  if isinstance(x, float):
-    return f'{x:.0f}' if abs(x) >= 10 ** digits else f'{x:.{digits}g}'
-  return str(x)
-
-
-def _table(header: Sequence[str], rows: list[Sequence[Any]]) -> str:
-  lines = ['| ' + ' | '.join(header) + ' |', '|' + '---|' * len(header)]
-  return '\n'.join(lines + ['| ' + ' | '.join(_f(c) for c in r) + ' |' for r in rows])
-
-
-def format_tables(results: dict) -> str:
-  """Markdown tables of `results` (times in seconds, throughput in samples/s)."""
-  out = []
-  rows = []
-  for g in results['generator']:
-    if 'error' in g:
-      rows.append([g['size'], g['devices'], 'error: ' + g['error'][-200:]] + [''] * 8)
-      continue
-    fwd, tr = g['forward'], g['train']
-    compiled = lambda r: r.get('compile_s') and _f(r['compile_s']) + (
-        ' (cache)' if r.get('cache_hit') else '')
-    rows.append([g['size'], g['devices'], fwd['per_sample_s'], tr['per_sample_s'],
-                 tr['samples_per_s'], compiled(tr),
-                 tr.get('flops') and tr['flops'] * g['devices'] / 1e9, tr.get('gflop_per_s'),
-                 tr.get('fraction_of_matmul_peak'), _get(g, 'memory', 'maxrss_mib'),
-                 compiled(fwd)])
-  out.append('Generator (s/sample, medians; fwd = generator forward, train = fwd+losses+bwd+pmean+AdamW)\n' + _table(
-      ['grid', 'devices', 'fwd s', 'train s', 'train samples/s', 'train compile s',
-       'GFLOP/step', 'GFLOP/s', 'of matmul peak', 'peak RSS MiB', 'fwd compile s'], rows))
-  peak = results.get('matmul_peak') or {}
-  out.append(f'Matmul peak ({peak.get("n")}^2 float32, {peak.get("backend")}): '
-             f'{_f(peak.get("gflop_per_s"))} GFLOP/s')
-  rows = [[f['input'], 'x'.join(map(str, f.get('model_grid', []))),
-           _get(f, 'with_labels', 'median_s'), _get(f, 'tissue', 'median_s'),
-           _get(f, 'stages', 'prepare', 'median_s'), _get(f, 'stages', 'velocity', 'median_s'),
-           _get(f, 'stages', 'trajectory', 'median_s'),
-           _get(f, 'with_labels', 'first_call_s'), _get(f, 'memory', 'maxrss_mib')]
-          if 'error' not in f else [f['input'], 'error: ' + f['error'][-300:]] + [''] * 7
-          for f in results['forecast']]
-  out.append('Forecast latency per subject (s; one horizon)\n' + _table(
-      ['input', 'model grid', 'with labels', 'tissue (no labels)', 'prepare', 'velocity',
-       'trajectory', 'first call', 'peak RSS MiB'], rows))
-  summary = results.get('summary') or summarize(results)
-  pipe = results.get('pipeline')
-  if pipe:
-    out.append('Input pipeline (pairs/s) vs training consumption (samples/s)\n' + _table(
-        ['source', 'grid', 'pairs', 'cold cache', 'cached', 'training consumes'],
-        [[pipe['source'], pipe['grid'], pipe.get('pairs'), pipe.get('uncached_pairs_per_s'),
-          pipe.get('cached_pairs_per_s'), summary['training_consumption_samples_per_s']]]))
-  torch = results.get('torch') or {}
-  if 'runs' in torch:
-    names = {'forward': 'generator fwd', 'train_step': 'train step',
-             'velocity_forward': 'velocity net fwd', 'velocity_forward_backward':
-             'velocity net fwd+bwd'}
-    rows = [[r['size'], name, c['ours_1device_s'], c['ours_best_s'], c['ours_best_devices'],
-             c['torch_batch1_s'], c['torch_best_s'], c['torch_best_batch'], c['ratio_batch1'],
-             c['ratio_best']]
-            for r in summary['comparison'] for key, name in names.items() for c in [r[key]]]
-    out.append(f'Ours vs PyTorch {torch["torch"]} + MONAI {torch["monai"]} '
-               f'({torch["runs"][0]["threads"]} threads), s/sample; ratio = ours / PyTorch\n'
-               + _table(['grid', 'measure', 'ours 1 dev', 'ours best', 'devices', 'torch b=1',
-                         'torch best', 'batch', 'ratio b=1', 'ratio best'], rows))
-    out.append('Velocity network GFLOP/s (XLA cost analysis FLOPs / time; ours 1 device, '
-               'PyTorch best batch)\n' + _table(
-                   ['grid', 'measure', 'GFLOP/sample', 'ours GFLOP/s', 'torch GFLOP/s'],
-                   [[r['size'], names[k], r[k].get('gflop'), r[k].get('ours_gflop_per_s'),
-                     r[k].get('torch_best_gflop_per_s')]
-                    for r in summary['comparison']
-                    for k in ('velocity_forward', 'velocity_forward_backward')]))
-  else:
-    out.append(f'PyTorch: {torch.get("skipped") or torch.get("error")}')
-  out.append('Goals\n' + _table(['goal', 'target', 'measured', 'met'],
-                                 [[g['goal'], g['target'], g['value'], g['met']]
-                                  for g in summary['goals']]))
-  return '\n\n'.join(out)
 
 
 # -------------------------------------------------------------------------------- launcher

@@ -1,0 +1,177 @@
+"""Summary and markdown tables of `experiments.benchmark` results (no jax needed).
+
+`summarize` turns the raw measurements into ratios ours / PyTorch (time; < 1: ours faster),
+2-vs-1-device scaling and the goals of the performance issue; `format_tables` prints what
+BENCHMARKS.md records.
+"""
+
+from typing import Any, Callable, Sequence
+
+
+def size_name(shape: Sequence[int]) -> str:
+  return 'x'.join(str(int(s)) for s in shape)
+
+
+def _get(d: Any, *keys: str) -> Any:
+  for k in keys:
+    d = d.get(k) if isinstance(d, dict) else None
+  return d
+
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+  return a / b if a and b else None
+
+
+def _met(value: float | None, test: Callable[[float], bool]) -> bool | None:
+  """Whether a goal is met; None when it was not measured."""
+  return None if value is None else bool(test(value))
+
+
+def summarize(results: dict) -> dict:
+  """Ratios ours / PyTorch (time; < 1: ours faster), 2-vs-1-device scaling and the goals."""
+  gen = {(g['size'], g['devices']): g for g in results['generator'] if 'error' not in g}
+  runs = _get(results, 'torch', 'runs') or []
+  comparison = []
+  measures = {'forward': ('forward', 'per_sample_s'), 'train_step': ('train', 'per_sample_s'),
+              'velocity_forward': ('velocity', 'forward', 'median_s'),
+              'velocity_forward_backward': ('velocity', 'forward_backward', 'median_s')}
+  for size in dict.fromkeys(r['size'] for r in runs):
+    ours = {d: g for (s, d), g in gen.items() if s == size}
+    refs = {r['batch']: r for r in runs if r['size'] == size}
+    row = {'size': size, 'params_torch': next(iter(refs.values()))['params']}
+    for key, path in measures.items():
+      mine = {d: _get(g, *path) for d, g in ours.items() if _get(g, *path)}
+      theirs = {b: r[key]['per_sample_s'] for b, r in refs.items()}
+      best_d = min(mine, key=mine.get) if mine else None
+      best_b = min(theirs, key=theirs.get)
+      row[key] = {'ours_1device_s': mine.get(1), 'ours_best_s': mine.get(best_d),
+                  'ours_best_devices': best_d, 'torch_batch1_s': theirs.get(1),
+                  'torch_best_s': theirs[best_b], 'torch_best_batch': best_b,
+                  'ratio_batch1': _ratio(mine.get(1), theirs.get(1)),
+                  'ratio_best': _ratio(mine.get(best_d), theirs[best_b])}
+      flops = _get(ours.get(1), *path[:2], 'flops') if path[0] == 'velocity' else None
+      if flops:  # Same computation: XLA's FLOP count over each framework's time.
+        row[key]['gflop'] = flops / 1e9
+        row[key]['ours_gflop_per_s'] = _ratio(flops / 1e9, mine.get(1))
+        row[key]['torch_best_gflop_per_s'] = _ratio(flops / 1e9, theirs[best_b])
+    comparison.append(row)
+  scaling = {}
+  for (size, devices), g in gen.items():
+    one = gen.get((size, 1))
+    if devices > 1 and one:
+      scaling[f'{size}/{devices}'] = _ratio(g['train']['samples_per_s'],
+                                            one['train']['samples_per_s'])
+  peak = _get(results, 'matmul_peak', 'gflop_per_s')
+  for g in gen.values():
+    for key in ('forward', 'train'):
+      g[key]['fraction_of_matmul_peak'] = _ratio(g[key].get('gflop_per_s'), peak)
+  goals = []
+  at64 = next((r for r in comparison if r['size'] == '64x64x64'), None)
+  ratio = at64 and at64['train_step']['ratio_best']
+  goals.append({'goal': 'train step s/sample ours/PyTorch at 64^3 (each at its best '
+                        'device count / batch)', 'target': '<= 1.0', 'value': ratio,
+                'met': _met(ratio, lambda r: r <= 1.0)})
+  big = next((f for f in results['forecast'] if f['input'] == '120x144x120'), None)
+  latency = _get(big, 'with_labels', 'median_s')
+  goals.append({'goal': 'forecast latency at 120x144x120 (s)', 'target': '< 5',
+                'value': latency, 'met': _met(latency, lambda t: t < 5.0)})
+  for name, value in scaling.items():
+    goals.append({'goal': f'train samples/s {name.split("/")[1]} devices / 1 at '
+                          f'{name.split("/")[0]}', 'target': '>= 1.0', 'value': value,
+                  'met': _met(value, lambda r: r >= 1.0)})
+  grid = size_name(results['config']['grid']['shape'])
+  consumption = max((g['train']['samples_per_s'] for (s, _), g in gen.items() if s == grid),
+                    default=None)
+  pipe = results.get('pipeline') or {}
+  for key, what in (('cached_pairs_per_s', 'cached'),
+                    ('warm_cache_pairs_per_s', 'cold (parallel cache warm-up)'),
+                    ('uncached_pairs_per_s', 'cold (one thread, no warm-up)')):
+    value = _ratio(pipe.get(key), consumption)
+    goals.append({'goal': f'pipeline {what} pairs/s / training samples/s at {grid}',
+                  'target': '>= 2.0', 'value': value, 'met': _met(value, lambda r: r >= 2.0)})
+  return {'comparison': comparison, 'device_scaling': scaling,
+          'training_consumption_samples_per_s': consumption, 'goals': goals}
+
+
+def _f(x: Any, digits: int = 3) -> str:
+  if x is None:
+    return '-'
+  if isinstance(x, bool):
+    return 'yes' if x else 'NO'
+  if isinstance(x, float):
+    return f'{x:.0f}' if abs(x) >= 10 ** digits else f'{x:.{digits}g}'
+  return str(x)
+
+
+def _table(header: Sequence[str], rows: list[Sequence[Any]]) -> str:
+  lines = ['| ' + ' | '.join(header) + ' |', '|' + '---|' * len(header)]
+  return '\n'.join(lines + ['| ' + ' | '.join(_f(c) for c in r) + ' |' for r in rows])
+
+
+def format_tables(results: dict) -> str:
+  """Markdown tables of `results` (times in seconds, throughput in samples/s)."""
+  out = []
+  rows = []
+  for g in results['generator']:
+    if 'error' in g:
+      rows.append([g['size'], g['devices'], 'error: ' + g['error'][-200:]] + [''] * 8)
+      continue
+    fwd, tr = g['forward'], g['train']
+    compiled = lambda r: r.get('compile_s') and _f(r['compile_s']) + (
+        ' (cache)' if r.get('cache_hit') else '')
+    rows.append([g['size'], g['devices'], fwd['per_sample_s'], tr['per_sample_s'],
+                 tr['samples_per_s'], compiled(tr),
+                 tr.get('flops') and tr['flops'] * g['devices'] / 1e9, tr.get('gflop_per_s'),
+                 tr.get('fraction_of_matmul_peak'), _get(g, 'memory', 'maxrss_mib'),
+                 compiled(fwd)])
+  out.append('Generator (s/sample, medians; fwd = generator forward, train = fwd+losses+bwd+pmean+AdamW)\n' + _table(
+      ['grid', 'devices', 'fwd s', 'train s', 'train samples/s', 'train compile s',
+       'GFLOP/step', 'GFLOP/s', 'of matmul peak', 'peak RSS MiB', 'fwd compile s'], rows))
+  peak = results.get('matmul_peak') or {}
+  out.append(f'Matmul peak ({peak.get("n")}^2 float32, {peak.get("backend")}): '
+             f'{_f(peak.get("gflop_per_s"))} GFLOP/s')
+  rows = [[f['input'], 'x'.join(map(str, f.get('model_grid', []))),
+           _get(f, 'with_labels', 'median_s'), _get(f, 'tissue', 'median_s'),
+           _get(f, 'stages', 'prepare', 'median_s'), _get(f, 'stages', 'velocity', 'median_s'),
+           _get(f, 'stages', 'trajectory', 'median_s'),
+           _get(f, 'with_labels', 'first_call_s'), _get(f, 'memory', 'maxrss_mib')]
+          if 'error' not in f else [f['input'], 'error: ' + f['error'][-300:]] + [''] * 7
+          for f in results['forecast']]
+  out.append('Forecast latency per subject (s; one horizon)\n' + _table(
+      ['input', 'model grid', 'with labels', 'tissue (no labels)', 'prepare', 'velocity',
+       'trajectory', 'first call', 'peak RSS MiB'], rows))
+  summary = results.get('summary') or summarize(results)
+  pipe = results.get('pipeline')
+  if pipe:
+    out.append('Input pipeline (pairs/s) vs training consumption (samples/s)\n' + _table(
+        ['source', 'grid', 'pairs', 'cold, one thread', 'cold, warm-up processes',
+         'warm-up pairs/s', 'cached', 'training consumes'],
+        [[pipe['source'], pipe['grid'], pipe.get('pairs'), pipe.get('uncached_pairs_per_s'),
+          pipe.get('warm_cache_processes'), pipe.get('warm_cache_pairs_per_s'),
+          pipe.get('cached_pairs_per_s'), summary['training_consumption_samples_per_s']]]))
+  torch = results.get('torch') or {}
+  if 'runs' in torch:
+    names = {'forward': 'generator fwd', 'train_step': 'train step',
+             'velocity_forward': 'velocity net fwd', 'velocity_forward_backward':
+             'velocity net fwd+bwd'}
+    rows = [[r['size'], name, c['ours_1device_s'], c['ours_best_s'], c['ours_best_devices'],
+             c['torch_batch1_s'], c['torch_best_s'], c['torch_best_batch'], c['ratio_batch1'],
+             c['ratio_best']]
+            for r in summary['comparison'] for key, name in names.items() for c in [r[key]]]
+    out.append(f'Ours vs PyTorch {torch["torch"]} + MONAI {torch["monai"]} '
+               f'({torch["runs"][0]["threads"]} threads), s/sample; ratio = ours / PyTorch\n'
+               + _table(['grid', 'measure', 'ours 1 dev', 'ours best', 'devices', 'torch b=1',
+                         'torch best', 'batch', 'ratio b=1', 'ratio best'], rows))
+    out.append('Velocity network GFLOP/s (XLA cost analysis FLOPs / time; ours 1 device, '
+               'PyTorch best batch)\n' + _table(
+                   ['grid', 'measure', 'GFLOP/sample', 'ours GFLOP/s', 'torch GFLOP/s'],
+                   [[r['size'], names[k], r[k].get('gflop'), r[k].get('ours_gflop_per_s'),
+                     r[k].get('torch_best_gflop_per_s')]
+                    for r in summary['comparison']
+                    for k in ('velocity_forward', 'velocity_forward_backward')]))
+  else:
+    out.append(f'PyTorch: {torch.get("skipped") or torch.get("error")}')
+  out.append('Goals\n' + _table(['goal', 'target', 'measured', 'met'],
+                                 [[g['goal'], g['target'], g['value'], g['met']]
+                                  for g in summary['goals']]))
+  return '\n\n'.join(out)

@@ -1,0 +1,251 @@
+"""The measurements of `experiments.benchmark`, each run in its own worker process.
+
+A worker is `python -m experiments.benchmark --worker=JSON`; it runs `TASKS[task](spec)`
+with the forced CPU device count already set in XLA_FLAGS, and writes the result as JSON.
+Imports of jax and the library happen inside the tasks, so the orchestrating process never
+initialises a backend.
+"""
+
+import resource
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+from experiments.timing import time_calls
+
+
+def random_batch(config, shape: Sequence[int], batch: int, seed: int = 0) -> dict:
+  """Host arrays shaped and typed as `input_pipeline.train_batch` gives them ([batch, ...])."""
+  import numpy as np
+  from progression import covariates, labels
+  rng = np.random.default_rng(seed)
+  classes = lambda: rng.integers(0, labels.NUM_CLASSES, (batch, *shape)).astype(np.uint8)
+  out = {'baseline': rng.random((batch, *shape, 1), dtype=np.float32),
+         'followup': rng.random((batch, *shape, 1), dtype=np.float32),
+         'years': rng.uniform(0.5, 3.0, batch).astype(np.float32),
+         'covariates': rng.standard_normal((batch, covariates.ENCODED_DIM)).astype(np.float32)}
+  if config.loss.dice > 0:
+    out['baseline_labels'], out['followup_labels'] = classes(), classes()
+  return out
+
+
+def memory() -> dict[str, Any]:
+  """Peak RSS of this process (MiB) and the device's peak bytes in use where reported."""
+  import jax
+  stats = jax.local_devices()[0].memory_stats() or {}
+  return {'maxrss_mib': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+          'device_peak_bytes': stats.get('peak_bytes_in_use')}
+
+
+class _CacheHits:
+  """Counts persistent-compilation-cache hits while active (so cached compiles are flagged)."""
+
+  def __enter__(self):
+    import jax
+    self.hits = 0
+    self._listener = lambda event, **kw: setattr(
+        self, 'hits', self.hits + (event == '/jax/compilation_cache/cache_hits'))
+    jax.monitoring.register_event_listener(self._listener)
+    return self
+
+  def __exit__(self, *exc):
+    import jax
+    jax.monitoring.unregister_event_listener(self._listener)
+
+
+def compile_step(pmapped, *args) -> dict[str, Any]:
+  """AOT-compiles a pmapped step (its executable is reused by later calls).
+
+  Returns compile_s (lowering + XLA compile, seconds), cache_hit (read from the persistent
+  cache), and flops (XLA cost analysis of one device's program; None if unavailable).
+  """
+  start = time.perf_counter()
+  with _CacheHits() as cache:
+    compiled = pmapped.lower(*args).compile()
+  out = {'compile_s': time.perf_counter() - start, 'cache_hit': cache.hits > 0, 'flops': None}
+  try:
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    out['flops'] = float(cost['flops']) if cost and cost.get('flops') else None
+  except Exception as e:  # Cost analysis is best effort (not every backend implements it).
+    out['cost_analysis_error'] = repr(e)
+  return out
+
+
+# --------------------------------------------------------------------------------- workers
+
+
+def generator_forward(state, batch) -> dict:
+  """The generator's forward pass as an eval-step function for `parallel.pmap_eval_step`:
+  per-example means of every output (so XLA computes them all) and the padding flags."""
+  import jax.numpy as jnp
+  out = state.apply_fn({'params': state.params}, batch['baseline'], batch['years'],
+                       batch['covariates'])
+  mean = lambda a: jnp.mean(a.reshape(a.shape[0], -1), axis=1)
+  return {**{k: mean(v) for k, v in out.items()}, 'valid': batch['valid']}
+
+
+def generator_task(spec: dict) -> dict:
+  """Forward and train step at one grid on `spec['devices']` devices (runs in a subprocess)."""
+  import functools
+  import jax
+  import ml_collections
+  import numpy as np
+  from progression import parallel, steps, train
+
+  config = ml_collections.ConfigDict(spec['config'])
+  shape = tuple(spec['size'])
+  config.grid.shape = shape
+  n = jax.local_device_count()
+  if n != spec['devices']:
+    return {'error': f'asked for {spec["devices"]} devices, {jax.default_backend()} has {n}'}
+  local_batch = config.per_device_batch_size * n
+  weights = train.loss_weights(config)
+  state = train.create_train_state(config, jax.random.PRNGKey(config.seed))
+  rstate = parallel.replicate(state)
+  rrng = parallel.replicate(jax.random.PRNGKey(1))
+  batch = parallel.shard_batch(random_batch(config, shape, local_batch))
+  eval_batch = {**batch, 'valid': np.ones((n, config.per_device_batch_size), np.float32)}
+  result = {'devices': n, 'local_batch': local_batch, 'backend': jax.default_backend()}
+
+  p_forward = parallel.pmap_eval_step(generator_forward)
+  result['forward'] = compile_step(p_forward, rstate, eval_batch)
+  result['forward'].update(time_calls(
+      lambda: jax.block_until_ready(p_forward(rstate, eval_batch)), spec['repetitions'],
+      spec['warmup']))
+
+  p_train = parallel.pmap_train_step(functools.partial(steps.train_step, loss_weights=weights))
+  result['train'] = compile_step(p_train, rstate, batch, rrng)
+  holder = {'state': rstate}
+
+  def train_call():
+    holder['state'], metrics = p_train(holder['state'], batch, rrng)  # state is donated
+    holder['metrics'] = jax.block_until_ready((holder['state'], metrics))[1]
+
+  result['train'].update(time_calls(train_call, spec['repetitions'], spec['warmup']))
+  result['train']['loss'] = float(np.asarray(holder['metrics']['loss'])[0])
+  for key in ('forward', 'train'):
+    r = result[key]
+    r['per_sample_s'] = r['median_s'] / local_batch
+    r['samples_per_s'] = local_batch / r['median_s']
+    if r['flops']:
+      r['gflop_per_s'] = r['flops'] * n / r['median_s'] / 1e9
+  if spec.get('velocity'):
+    result['velocity'] = _velocity_network(config, state.params, batch, spec)
+  result['memory'] = memory()
+  return result
+
+
+def _velocity_network(config, params, batch, spec) -> dict:
+  """The velocity network alone (covariate MLP + U-Net + head), forward and forward+backward,
+  on one device (for the comparison with PyTorch: it isolates the convolutions)."""
+  import jax
+  import jax.numpy as jnp
+  from progression import train
+  model = train.create_model(config)
+  image, cov = jnp.asarray(batch['baseline'][0]), jnp.asarray(batch['covariates'][0])
+  velocity = lambda p: model.apply({'params': p}, image, cov, method=model.velocity)
+  result = {}
+  for name, fn in (('forward', velocity),
+                   ('forward_backward', jax.grad(lambda p: jnp.mean(jnp.square(velocity(p)))))):
+    start = time.perf_counter()
+    compiled = jax.jit(fn).lower(params).compile()
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    r = {'compile_s': time.perf_counter() - start, 'flops': float(cost['flops']),
+         **time_calls(lambda: jax.block_until_ready(compiled(params)), spec['repetitions'],
+                      spec['warmup'])}
+    r['gflop_per_s'] = r['flops'] / r['median_s'] / 1e9
+    result[name] = r
+  return result
+
+
+def forecast_task(spec: dict) -> dict:
+  """`Forecaster.forecast` latency on a synthetic NIfTI of `spec['size']` voxels."""
+  import jax
+  import ml_collections
+  from progression import cohort, covariates, forecast, synthetic, train
+
+  config = ml_collections.ConfigDict(spec['config'])
+  with tempfile.TemporaryDirectory() as tmp:
+    root = synthetic.make_cohort(Path(tmp) / 'cohort', n_subjects=1, shape=tuple(spec['size']),
+                                 voxel_mm=spec['voxel_mm'], n_visits=2, seed=0, workers=1)
+    first = cohort.read_visits(cohort.load_spec('synthetic'), root).iloc[0]
+    image, label_map = first['image_path'], first['labels_path']
+    cov = cohort.covariates_of(first)
+    normalizer = covariates.CovariateNormalizer(age_mean=73.0, age_std=7.0,
+                                                education_mean=16.0, education_std=3.0)
+    state = train.create_train_state(config, jax.random.PRNGKey(config.seed))
+    forecaster = forecast.Forecaster(config, state.params, normalizer)
+    years = list(spec['years'])
+    reps, warmup = spec['repetitions'], spec['warmup']
+    result = {'model_grid': list(config.grid.shape), 'years': years,
+              'with_labels': time_calls(
+                  lambda: forecaster.forecast(image, cov, years, labels=label_map), reps, warmup),
+              'tissue': time_calls(lambda: forecaster.forecast(image, cov, years), reps, 0)}
+    subject = forecaster.prepare(image, label_map)
+    velocity = forecaster.velocity(subject, cov)
+    result['stages'] = {
+        'prepare': time_calls(lambda: forecaster.prepare(image, label_map), reps, 0),
+        'velocity': time_calls(lambda: forecaster.velocity(subject, cov), reps, 0),
+        'trajectory': time_calls(lambda: forecaster.trajectory(subject, velocity, years),
+                                 reps, 0)}
+  result['memory'] = memory()
+  return result
+
+
+def pipeline_task(spec: dict) -> dict:
+  """Pairs/s of `input_pipeline.train_batch` over a cold-cache epoch (one thread) and a
+  cached one, and of `PairDataset.warm_cache` (one process per CPU) into a fresh cache."""
+  import ml_collections
+  from progression import cohort, covariates, input_pipeline, synthetic, train, workers
+
+  config = ml_collections.ConfigDict(spec['config'])
+  with tempfile.TemporaryDirectory() as tmp:
+    root = synthetic.make_cohort(Path(tmp) / 'cohort', n_subjects=spec['subjects'],
+                                 shape=tuple(spec['source']), voxel_mm=spec['voxel_mm'],
+                                 n_visits=3, seed=0, workers=1)
+    pairs = cohort.make_pairs(cohort.read_visits(cohort.load_spec('synthetic'), root))
+    normalizer = covariates.fit_normalizer(
+        [cohort.covariates_of(row) for _, row in pairs.iterrows()])
+    dataset = input_pipeline.PairDataset(pairs, train.grid_from_config(config),
+                                         Path(tmp) / 'cache', normalizer)
+    warmed = input_pipeline.PairDataset(pairs, train.grid_from_config(config),
+                                        Path(tmp) / 'warmed', normalizer)
+    processes = workers.available_cpus()
+    start = time.perf_counter()
+    warmed.warm_cache(num_workers=processes)
+    warm_s = time.perf_counter() - start
+    global_batch = spec['global_batch']
+    steps_per_epoch = max(len(dataset) // global_batch, 1)
+
+    def epoch(index: int) -> float:
+      start = time.perf_counter()
+      for step in range(index * steps_per_epoch, (index + 1) * steps_per_epoch):
+        input_pipeline.train_batch(dataset, step, global_batch=global_batch, seed=config.seed,
+                                   intensity_jitter=config.augment.intensity_jitter,
+                                   flip_lr_prob=config.augment.flip_lr_prob)
+      return (steps_per_epoch * global_batch) / (time.perf_counter() - start)
+
+    result = {'pairs': len(dataset), 'global_batch': global_batch,
+              'uncached_pairs_per_s': epoch(0), 'cached_pairs_per_s': epoch(1),
+              'warm_cache_pairs_per_s': len(dataset) / warm_s, 'warm_cache_processes': processes}
+  result['maxrss_mib'] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+  return result
+
+
+def matmul_task(spec: dict) -> dict:
+  """Measured float32 matmul peak: median GFLOP/s of an n x n jnp.dot (n: 2048 CPU, 8192 GPU)."""
+  import jax
+  import jax.numpy as jnp
+  n = spec.get('n') or (2048 if jax.default_backend() == 'cpu' else 8192)
+  a = jax.random.normal(jax.random.PRNGKey(0), (n, n), jnp.float32)
+  dot = jax.jit(jnp.dot)
+  timing = time_calls(lambda: jax.block_until_ready(dot(a, a)), spec['repetitions'], 2)
+  return {'n': n, 'backend': jax.default_backend(), 'device': str(jax.devices()[0]),
+          'gflop_per_s': 2 * n ** 3 / timing['median_s'] / 1e9, **timing}
+
+
+TASKS = {'generator': generator_task, 'forecast': forecast_task, 'pipeline': pipeline_task,
+         'matmul': matmul_task}
