@@ -22,14 +22,13 @@ from pathlib import Path
 from typing import Callable
 
 import jax
-import ml_collections
 import nibabel as nib
 import numpy as np
 import pandas as pd
 import pytest
 
 from progression import checkpoints, train
-from tests.conftest import tiny_config
+from tests.conftest import restore_train_state, tiny_config
 
 REPO = Path(__file__).resolve().parents[1]
 COVARIATES = ['--age=73.2', '--sex=F', '--diagnosis=MCI']
@@ -207,33 +206,30 @@ def truncated_nii(ctx):
   return case
 
 
-def image_2d(ctx):
+def _edited_baseline(ctx, name: str, filename: str, edit, *fragments: str) -> Case:
+  """A forecast case on a copy of the baseline whose voxel array went through `edit`."""
   image = nib.load(ctx.baseline)
-  path = _save(_case_dir(ctx, 'image_2d') / 'slice_T1w.nii.gz',
-               np.asarray(image.dataobj)[:, :, 16], image.affine)
-  case = _forecast(ctx, 'image_2d', path)
-  case.fragments = [str(path), '3D']
+  data = edit(np.asarray(image.dataobj, dtype=np.float32).copy())
+  path = _save(_case_dir(ctx, name) / filename, data, image.affine)
+  case = _forecast(ctx, name, path)
+  case.fragments = [str(path), *fragments]
   return case
+
+
+def image_2d(ctx):
+  return _edited_baseline(ctx, 'image_2d', 'slice_T1w.nii.gz', lambda d: d[:, :, 16], '3D')
 
 
 def image_4d(ctx):
-  image = nib.load(ctx.baseline)
-  data = np.asarray(image.dataobj)
-  path = _save(_case_dir(ctx, 'image_4d') / 'series_T1w.nii.gz', np.stack([data, data], -1),
-               image.affine)
-  case = _forecast(ctx, 'image_4d', path)
-  case.fragments = [str(path), '3D']
-  return case
+  return _edited_baseline(ctx, 'image_4d', 'series_T1w.nii.gz',
+                          lambda d: np.stack([d, d], -1), '3D')
 
 
 def nan_voxels(ctx):
-  image = nib.load(ctx.baseline)
-  data = np.asarray(image.dataobj, dtype=np.float32).copy()
-  data[10, 11, 12] = np.nan
-  path = _save(_case_dir(ctx, 'nan_voxels') / 'nan_T1w.nii.gz', data, image.affine)
-  case = _forecast(ctx, 'nan_voxels', path)
-  case.fragments = [str(path), 'NaN']
-  return case
+  def with_nan(data):
+    data[10, 11, 12] = np.nan
+    return data
+  return _edited_baseline(ctx, 'nan_voxels', 'nan_T1w.nii.gz', with_nan, 'NaN')
 
 
 def singular_affine(ctx):
@@ -398,22 +394,21 @@ def duplicate_visit(ctx):
   return case
 
 
-def zero_interval(ctx):
-  """ses-M024 renamed ses-M12: 12 months, the time of ses-M012 (interval 0)."""
-  root = _cohort_copy(ctx, 'zero_interval')
-  _rename_session(root, 'sub-006', 'ses-M024', 'ses-M12')
-  case = _train(ctx, 'zero_interval', root)
-  case.fragments = [str(_sessions(root, 'sub-006')), 'row 3', 'ses-M12']
-  return case
+def _renamed_session(name: str, new_session: str):
+  """A case whose sub-006 ses-M024 is renamed `new_session` (a visit time that is wrong)."""
+  def build(ctx):
+    root = _cohort_copy(ctx, name)
+    _rename_session(root, 'sub-006', 'ses-M024', new_session)
+    case = _train(ctx, name, root)
+    case.fragments = [str(_sessions(root, 'sub-006')), 'row 3', new_session]
+    return case
+  build.__name__ = name
+  return build
 
 
-def negative_session_time(ctx):
-  """ses-M024 renamed ses-M-12: a visit 12 months before the baseline."""
-  root = _cohort_copy(ctx, 'negative_session_time')
-  _rename_session(root, 'sub-006', 'ses-M024', 'ses-M-12')
-  case = _train(ctx, 'negative_session_time', root)
-  case.fragments = [str(_sessions(root, 'sub-006')), 'row 3', 'ses-M-12']
-  return case
+# 12 months: the time of ses-M012 (interval 0); -12 months: a visit before the baseline.
+zero_interval = _renamed_session('zero_interval', 'ses-M12')
+negative_session_time = _renamed_session('negative_session_time', 'ses-M-12')
 
 
 def followup_before_baseline(ctx):
@@ -453,14 +448,7 @@ def non_finite_loss(ctx):
     names = sorted(p.name for p in folder.iterdir())
     assert names == [str(s) for s in range(1, step)], names  # Finished steps only.
     assert f'last good checkpoint: step {step - 1}' in error
-    checkpointer = checkpoints.Checkpointer(folder, read_only=True)
-    try:
-      metadata = checkpointer.restore_metadata()
-      template = train.create_train_state(ml_collections.ConfigDict(metadata['config']),
-                                          jax.random.PRNGKey(0))
-      state, _ = checkpointer.restore(template)
-    finally:
-      checkpointer.close()
+    state = restore_train_state(folder)
     assert int(state.step) == step - 1
     assert all(np.isfinite(x).all() for x in jax.tree_util.tree_leaves(state.params))
   case.check = check

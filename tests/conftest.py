@@ -49,3 +49,19 @@ def trained_workdir(synthetic_cohort, tmp_path_factory):
   workdir = tmp_path_factory.mktemp('trained')
   train.train_and_evaluate(tiny_config(synthetic_cohort), workdir)
   return workdir
+
+
+def restore_train_state(checkpoint_folder):
+  """The latest TrainState saved in a `checkpoints/` folder, built from its own config."""
+  import jax
+  import ml_collections
+  from progression import checkpoints, train
+  checkpointer = checkpoints.Checkpointer(checkpoint_folder, read_only=True)
+  try:
+    metadata = checkpointer.restore_metadata()
+    template = train.create_train_state(ml_collections.ConfigDict(metadata['config']),
+                                        jax.random.PRNGKey(0))
+    state, _ = checkpointer.restore(template)
+  finally:
+    checkpointer.close()
+  return state

@@ -19,13 +19,13 @@ import time
 from pathlib import Path
 
 import jax
-import ml_collections
 import nibabel as nib
 import numpy as np
 import pandas as pd
 
-from progression import checkpoints, train
+from progression import checkpoints
 from progression.evaluation import report
+from tests.conftest import restore_train_state
 
 REPO = Path(__file__).resolve().parents[1]
 SEED = 20240607
@@ -123,19 +123,6 @@ def _logged_train_steps(metrics: Path, offset: int) -> list[int]:
   return steps
 
 
-def _saved_state(workdir: Path):
-  folder = checkpoints.checkpoint_dir(workdir)
-  checkpointer = checkpoints.Checkpointer(folder, read_only=True)
-  try:
-    metadata = checkpointer.restore_metadata()
-    template = train.create_train_state(ml_collections.ConfigDict(metadata['config']),
-                                        jax.random.PRNGKey(0))
-    state, _ = checkpointer.restore(template)
-  finally:
-    checkpointer.close()
-  return state
-
-
 def test_training_killed_at_5_seeded_points_ends_like_an_uninterrupted_run(
     synthetic_cohort, tmp_path):
   rng = np.random.default_rng(SEED)
@@ -169,7 +156,8 @@ def test_training_killed_at_5_seeded_points_ends_like_an_uninterrupted_run(
       straight.wait()
     straight_log.close()
 
-  expected, got = _saved_state(tmp_path / 'straight'), _saved_state(killed)
+  expected, got = (restore_train_state(checkpoints.checkpoint_dir(w))
+                   for w in (tmp_path / 'straight', killed))
   assert int(expected.step) == int(got.step) == NUM_STEPS
   for name in ('params', 'opt_state'):
     want = jax.tree_util.tree_leaves(getattr(expected, name))
