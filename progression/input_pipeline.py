@@ -84,17 +84,18 @@ class PairDataset:
       progress: called with (subjects done, subjects) after each subject.
     """
     groups = [list(g) for g in self.pairs.groupby('subject', sort=False).indices.values()]
-    start = time.perf_counter()
-    _warm(self, groups[0])
-    if progress is not None:
-      progress(1, len(groups))
-    if num_workers is None:
+    report = progress or (lambda done, total: None)
+    first = 0
+    if num_workers is None:  # Time the first subject here to decide.
+      start = time.perf_counter()
+      _warm(self, groups[0])
       estimate_s = (time.perf_counter() - start) * (len(groups) - 1)
       num_workers = workers.available_cpus() if estimate_s > 10.0 else 1
-    jobs = [(self, g) for g in groups[1:]]
-    for done, _ in enumerate(workers.map_unordered(_warm_job, jobs, num_workers), start=2):
-      if progress is not None:
-        progress(done, len(groups))
+      first = 1
+      report(1, len(groups))
+    jobs = [(self, g) for g in groups[first:]]
+    for done, _ in enumerate(workers.map_unordered(_warm_job, jobs, num_workers), first + 1):
+      report(done, len(groups))
 
   def _visit(self, image_path: str, labels_path, center_mm) -> dict[str, np.ndarray]:
     use_labels = self.has_labels and isinstance(labels_path, str)

@@ -120,22 +120,37 @@ def brain_center_mm(volume: Volume, threshold_fraction: float = 0.1) -> np.ndarr
   instead of the maximum keeps a few very bright voxels from raising the threshold. Every
   foreground voxel counts the same (not weighted by intensity), so bias fields barely move it.
   """
+  data = np.asarray(volume.data, dtype=np.float32)
+  return _brain_center_mm(volume, data, float(np.percentile(data, 99.5)), threshold_fraction)
+
+
+def _brain_center_mm(volume: Volume, data: np.ndarray, high: float,
+                     threshold_fraction: float = 0.1) -> np.ndarray:
+  """`brain_center_mm` given the 99.5th percentile `high` of `data` (= volume.data)."""
   if not 0.0 <= threshold_fraction < 1.0:
     raise ProgressionError(f'brain_center_mm: threshold_fraction must be in [0, 1), got '
                            f'{threshold_fraction!r}')
-  data = np.asarray(volume.data, dtype=np.float32)
-  low, high = float(data.min()), float(np.percentile(data, 99.5))
+  low = float(data.min())
   foreground = data > low + threshold_fraction * (high - low)
-  if not foreground.any():
+  count = np.count_nonzero(foreground)
+  if not count:
     raise ProgressionError(f'{volume.path or "<array>"}: image is blank (constant intensity); '
                            'cannot find the brain')
-  center_voxel = np.argwhere(foreground).mean(axis=0)
+  # Centroid from the per-axis marginal counts (no array of voxel indices).
+  center_voxel = []
+  for axis, n in enumerate(data.shape):
+    counts = np.count_nonzero(foreground, axis=tuple(a for a in range(3) if a != axis))
+    center_voxel.append(np.dot(counts, np.arange(n)) / count)
   return (volume.affine @ np.append(center_voxel, 1.0))[:3]
 
 
+_NORMALIZE_PERCENTILES = (1.0, 99.0)
+_NORMALIZE_CLIP = (0.0, 1.5)
+
+
 def normalize_intensity(data: np.ndarray, mask: np.ndarray | None = None,
-                        percentiles: tuple[float, float] = (1.0, 99.0),
-                        clip: tuple[float, float] | None = (0.0, 1.5)) -> np.ndarray:
+                        percentiles: tuple[float, float] = _NORMALIZE_PERCENTILES,
+                        clip: tuple[float, float] | None = _NORMALIZE_CLIP) -> np.ndarray:
   """Robust linear intensity scaling: the low percentile maps to 0, the high one to 1.
 
   MRI intensities have no absolute unit, so each image is scaled by its own percentiles
@@ -162,9 +177,16 @@ def normalize_intensity(data: np.ndarray, mask: np.ndarray | None = None,
     raise ProgressionError('normalize_intensity: data contains NaN or infinite values')
   values = data if mask is None else data[_as_mask(mask, data.shape)]
   low, high = np.percentile(values, [low_pct, high_pct])
+  return _scale(data, low, high, (low_pct, high_pct), clip)
+
+
+def _scale(data: np.ndarray, low: float, high: float, percentiles: tuple[float, float],
+           clip: tuple[float, float] | None) -> np.ndarray:
+  """`normalize_intensity` of float32 `data` given its (low, high) percentile values."""
   if not high > low:
-    raise ProgressionError(f'normalize_intensity: the {low_pct:g}th and {high_pct:g}th percentiles '
-                           f'are equal ({low:g}); the image (or masked region) is constant')
+    raise ProgressionError(f'normalize_intensity: the {percentiles[0]:g}th and '
+                           f'{percentiles[1]:g}th percentiles are equal ({low:g}); the image '
+                           '(or masked region) is constant')
   scaled = (data - np.float32(low)) / np.float32(high - low)
   if clip is not None:
     scaled = np.clip(scaled, *clip)
@@ -188,10 +210,15 @@ def to_grid(image: Volume, grid: Grid, labels: Volume | None = None,
     center_mm: world point (mm) placed at the grid centre; defaults to
       `brain_center_mm(image)`.
   """
+  data = np.asarray(image.data, dtype=np.float32)
+  if not np.all(np.isfinite(data)):
+    raise ProgressionError('normalize_intensity: data contains NaN or infinite values')
+  # One selection pass for the normalisation's and the brain centre's percentiles.
+  low, high, brain_high = np.percentile(data, [*_NORMALIZE_PERCENTILES, 99.5])
   if center_mm is None:
-    center_mm = brain_center_mm(image)
+    center_mm = _brain_center_mm(image, data, float(brain_high))
   affine = grid.affine(center_mm)
-  normalised = normalize_intensity(image.data)
+  normalised = _scale(data, low, high, _NORMALIZE_PERCENTILES, _NORMALIZE_CLIP)
   gridded_image = resample(normalised, image.affine, grid.shape, affine, order=TRILINEAR)
   gridded_labels = None
   if labels is not None:
