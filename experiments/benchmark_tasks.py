@@ -25,7 +25,7 @@ def random_batch(config, shape: Sequence[int], batch: int, seed: int = 0) -> dic
          'followup': rng.random((batch, *shape, 1), dtype=np.float32),
          'years': rng.uniform(0.5, 3.0, batch).astype(np.float32),
          'covariates': rng.standard_normal((batch, covariates.ENCODED_DIM)).astype(np.float32)}
-  if config.loss.dice > 0:
+  if config.loss.dice > 0 or config.loss.volume > 0:
     out['baseline_labels'], out['followup_labels'] = classes(), classes()
   return out
 

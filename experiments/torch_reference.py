@@ -201,8 +201,9 @@ def total_loss(out: dict, batch: dict, weights: dict[str, float], warp: nn.Modul
                ) -> torch.Tensor:
   """Batch mean of the weighted terms of `progression.losses.total_loss`: image MSE, velocity
   smoothness (mean squared forward difference, averaged over the 3 axes), soft Dice of the
-  warped one-hot baseline labels over the classes present (background excluded) and the
-  Jacobian folding penalty. NCC is not mirrored (off in the default config)."""
+  warped one-hot baseline labels over the classes present (background excluded), the
+  squared log ratio of warped to real label volumes and the Jacobian folding penalty. NCC
+  is not mirrored (off in the default config)."""
   if weights.get('ncc', 0.0):
     raise ValueError('the PyTorch reference does not implement the NCC loss')
   reduce = lambda a: a.flatten(1).mean(1)
@@ -211,15 +212,22 @@ def total_loss(out: dict, batch: dict, weights: dict[str, float], warp: nn.Modul
   loss = loss + weights['smoothness'] * sum(reduce(torch.diff(v, dim=a) ** 2)
                                             for a in (2, 3, 4)) / 3.0
   loss = loss + weights['folding'] * reduce(F.relu(-out['jacobian']))
-  if weights.get('dice', 0.0):
+  if weights.get('dice', 0.0) or weights.get('volume', 0.0):
     onehot = lambda l: F.one_hot(l.long(), NUM_CLASSES).permute(0, 4, 1, 2, 3).float()
     warped = warp(onehot(batch['baseline_labels']), out['displacement'])[:, 1:]
     target = onehot(batch['followup_labels'])[:, 1:]
+    warped_mass, target_mass = warped.flatten(2).sum(2), target.flatten(2).sum(2)
+  if weights.get('dice', 0.0):
     inter = (warped * target).flatten(2).sum(2)
-    total = warped.flatten(2).sum(2) + target.flatten(2).sum(2)
+    total = warped_mass + target_mass
     present = (total > 1e-6).float()
     dice = (2 * inter / total.clamp_min(1e-6) * present).sum(1) / present.sum(1).clamp_min(1.0)
     loss = loss + weights['dice'] * torch.where(present.sum(1) > 0, 1.0 - dice, 0.0)
+  if weights.get('volume', 0.0):
+    present = (target_mass >= 1.0).float()
+    ratio = torch.log(warped_mass.clamp_min(1e-3) / target_mass.clamp_min(1.0))
+    error = (present * ratio ** 2).sum(1) / present.sum(1).clamp_min(1.0)
+    loss = loss + weights['volume'] * error
   return loss.mean()
 
 

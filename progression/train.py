@@ -154,9 +154,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path
   for name, dataset in (('training', train_set), ('validation', val_set)):
     if dataset is not None:
       dataset.warm_cache(progress=ProgressBar(f'{name} subjects preprocessed'))
-  if train_set.has_labels is False and config.loss.dice > 0:
-    logging.warning('no label maps in the cohort: the Dice loss term is disabled')
-    config = _with_loss(config, dice=0.0)
+  if train_set.has_labels is False and (config.loss.dice > 0 or config.loss.volume > 0):
+    logging.warning('no label maps in the cohort: the Dice and volume loss terms are disabled')
+    config = _with_loss(config, dice=0.0, volume=0.0)
 
   rng = jax.random.PRNGKey(config.seed)
   state = create_train_state(config, rng)

@@ -43,7 +43,7 @@ def test_entry_point_writes_json_with_positive_numbers(tmp_path):
   env = {**os.environ, 'JAX_DISABLE_MOST_OPTIMIZATIONS': '1'}  # Short compiles.
   proc = subprocess.run(
       [sys.executable, '-m', 'experiments.benchmark', '--config=experiments/configs/tiny.py',
-       '--config.loss.dice=0',  # Halves the train step's compile time.
+       '--config.loss.dice=0', '--config.loss.volume=0',  # Label terms: 2x compile time.
        '--sizes=16', '--devices=2', '--repetitions=1', '--warmup=0', '--forecast_sizes=16',
        '--input_voxel_mm=8', '--pipeline_source=16', '--pipeline_subjects=2', '--notorch',
        '--matmul_n=256', f'--out={out}'],
@@ -127,7 +127,7 @@ def test_parse_size():
 def test_train_step_compiles_once(fast_compiles):
   """Three pmapped train steps trace and compile the step once."""
   assert jax.local_device_count() == 2
-  config = tiny_config('', **{'loss.dice': 0.0})  # Dice doubles the compile time.
+  config = tiny_config('', **{'loss.dice': 0.0, 'loss.volume': 0.0})  # Label terms: 2x compile.
   traces = []
 
   def counted_step(*args, **kwargs):

@@ -101,7 +101,8 @@ def _batch_and_outputs():
 
 def test_total_loss_is_weighted_sum_of_terms():
   batch, out = _batch_and_outputs()
-  weights = {'image': 1.0, 'ncc': 0.5, 'smoothness': 0.1, 'dice': 2.0, 'folding': 3.0}
+  weights = {'image': 1.0, 'ncc': 0.5, 'smoothness': 0.1, 'dice': 2.0, 'volume': 4.0,
+             'folding': 3.0}
   loss, metrics = jax.jit(lambda o, b: losses.total_loss(o, b, weights))(out, batch)
   assert loss.shape == (2,)
   want = (losses.mse(out['prediction'], batch['followup'])
@@ -109,9 +110,11 @@ def test_total_loss_is_weighted_sum_of_terms():
           + 0.1 * losses.smoothness(out['velocity'])
           + 2.0 * losses.dice_loss(np.eye(3)[batch['baseline_labels']],  # zero displacement
                                    np.eye(3)[batch['followup_labels']])
+          + 4.0 * 0.0  # Zero displacement, the follow-up's class counts equal the baseline's.
           + 3.0 * losses.folding(out['jacobian']))
   np.testing.assert_allclose(loss, want, rtol=1e-5)
-  assert set(metrics) == {'mse', 'ncc', 'smoothness', 'dice', 'folding', 'loss'}
+  assert set(metrics) == {'mse', 'ncc', 'smoothness', 'dice', 'volume', 'folding', 'loss'}
+  np.testing.assert_allclose(metrics['volume'], 0.0, atol=1e-7)
   assert all(v.shape == (2,) for v in metrics.values())
 
 
@@ -164,6 +167,27 @@ def test_warped_labels_dice_known_answers():
   assert 0.0 < dice(disp, shifted) < dice(np.zeros_like(disp), shifted)
   with pytest.raises(ProgressionError, match='shapes differ'):
     losses.warped_labels_dice(lab, lab[:, 1:], disp, 3)
+
+
+def test_label_volume_error_known_answers():
+  base = np.zeros((1, 8, 8, 8), np.int32)
+  base[0, 2:6, 2:6, 2:6] = 1  # 64 voxels.
+  base[0, 0, 0, :2] = 2  # 2 voxels, gone at the follow-up: not scored.
+  follow = np.zeros_like(base)
+  follow[0, 2:5, 2:6, 2:6] = 1  # Shrunk to 48 voxels.
+  zero = np.zeros((1, 8, 8, 8, 3), np.float32)
+  error = lambda d: float(losses.label_volume_error(
+      losses.warped_label_sums(base, follow, d, 3))[0])
+  assert error(zero) == pytest.approx(np.log(64 / 48) ** 2, rel=1e-5)
+  # A displacement that reads the block 4/3 times denser along x gives 48 voxels: no error.
+  x = np.arange(8, dtype=np.float32)
+  contract = zero.copy()
+  contract[..., 0] = (2 + (x - 2) * 4 / 3 - x)[None, :, None, None]
+  assert error(contract) == pytest.approx(0.0, abs=1e-6)
+  # Its gradient points from no change towards the contraction.
+  grad = jax.grad(lambda d: losses.label_volume_error(
+      losses.warped_label_sums(base, follow, d, 3)).sum())(zero)
+  assert float(np.sum(grad * contract)) < 0
 
 
 def test_shape_mismatch_errors():

@@ -40,6 +40,9 @@ def get_config() -> ml_collections.ConfigDict:
   config.loss.ncc = 0.0  # Local normalised cross-correlation (1 - NCC).
   config.loss.smoothness = 0.01  # Mean squared spatial gradient of the velocity field.
   config.loss.dice = 0.1  # Soft Dice of warped baseline labels vs follow-up labels.
+  # Squared log ratio of predicted / real regional volumes (labels): supervises atrophy itself.
+  # Demo, 500 steps: weight 0 leaves the model at no change; 10 cuts ventricle MAE 3x.
+  config.loss.volume = 10.0
   config.loss.folding = 1.0  # Penalty on negative Jacobian determinants.
 
   # Optimiser: AdamW with linear warmup then cosine decay, global-norm clipping.
