@@ -224,8 +224,8 @@ def total_loss(out: dict, batch: dict, weights: dict[str, float], warp: nn.Modul
     dice = (2 * inter / total.clamp_min(1e-6) * present).sum(1) / present.sum(1).clamp_min(1.0)
     loss = loss + weights['dice'] * torch.where(present.sum(1) > 0, 1.0 - dice, 0.0)
   if weights.get('volume', 0.0):
-    present = (target_mass >= 1.0).float()
-    ratio = torch.log(warped_mass.clamp_min(1e-3) / target_mass.clamp_min(1.0))
+    present = (target_mass > 0).float()
+    ratio = torch.log((warped_mass + 2.0) / (target_mass + 2.0))
     error = (present * ratio ** 2).sum(1) / present.sum(1).clamp_min(1.0)
     loss = loss + weights['volume'] * error
   return loss.mean()

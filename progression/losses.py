@@ -183,16 +183,18 @@ def warped_labels_dice(baseline_classes: Array, followup_classes: Array, displac
   return _dice_loss_from_sums(sums.overlap, sums.warped + sums.target, eps)
 
 
-def label_volume_error(sums: LabelSums, min_voxels: float = 1.0) -> Array:
+def label_volume_error(sums: LabelSums, offset_voxels: float = 2.0) -> Array:
   """Mean squared log ratio of predicted to real regional volumes: [B].
 
-  Over the classes present in the follow-up (at least `min_voxels`), the mean of
-  log(warped / target)^2: a relative volume error (0.01 is a 10 % error), which
-  supervises the atrophy the evaluation measures directly, unlike the overlap terms whose
-  gradient is dominated by boundary alignment. Examples with no class present give 0.
+  Over the classes present in the follow-up, the mean of log((warped + m) / (target + m))^2
+  with m = `offset_voxels`: a relative volume error (0.01 is a 10 % error) that supervises
+  the atrophy the evaluation measures directly, unlike the overlap terms whose gradient is
+  dominated by boundary alignment. The offset damps classes of a few voxels, whose volume
+  on a coarse grid is mostly partial-voxel noise (a class the warp loses entirely would
+  otherwise dominate the loss). Examples with no class present give 0.
   """
-  present = (sums.target >= min_voxels).astype(jnp.float32)
-  ratio = jnp.log(jnp.maximum(sums.warped, 1e-3) / jnp.maximum(sums.target, min_voxels))
+  present = (sums.target > 0).astype(jnp.float32)
+  ratio = jnp.log((sums.warped + offset_voxels) / (sums.target + offset_voxels))
   count = jnp.sum(present, axis=1)
   return jnp.sum(present * ratio * ratio, axis=1) / jnp.maximum(count, 1.0)
 

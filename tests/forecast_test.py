@@ -130,8 +130,12 @@ def test_composition_of_horizons(forecaster, baseline_files):
   d = {t: warp.integrate_velocity(velocity, np.array([t], np.float32),
                                   upsample_factor=forecaster.downsize) for t in (1.0, 2.0, 3.0)}
   composed = warp.compose(d[1.0], d[2.0])
-  assert float(np.abs(d[3.0]).max()) > 1e-3
-  np.testing.assert_allclose(composed, d[3.0], atol=2e-3 * max(1.0, float(np.abs(d[3.0]).max())))
+  scale = float(np.abs(d[3.0]).max())
+  assert scale > 1e-2
+  # Up to interpolation error: the displacements are integrated on the coarse velocity grid
+  # (8^3 here) and upsampled, so a field that varies from voxel to voxel composes to a few %.
+  np.testing.assert_allclose(composed, d[3.0], atol=0.05 * scale)
+  assert float(np.abs(warp.compose(d[1.0], d[1.0]) - d[3.0]).max()) > 0.2 * scale  # 2 y != 3 y.
 
 
 def test_counterfactuals_change_only_the_covariates(forecaster, baseline_files):
