@@ -128,11 +128,6 @@ def save_volume_like(path: PathLike, data: np.ndarray, reference: Volume,
   return save_image(path, reference.to_original(data), reference.original_affine, dtype=dtype)
 
 
-def atomic_write_text(path: PathLike, text: str) -> Path:
-  """Writes a text file atomically (temporary file in the same folder, then rename)."""
-  return _atomic_write(Path(path), lambda tmp: Path(tmp).write_text(text))
-
-
 def make_folder(path: PathLike, what: str = 'output folder') -> Path:
   """`mkdir -p` whose failures (a parent that is a file, no permission) name `path`.
 

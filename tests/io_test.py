@@ -207,10 +207,31 @@ def test_atomic_save_leaves_no_temp_files(tmp_path):
   out = tmp_path / 'out'
   io.save_image(out / 'img.nii.gz', _ramp(), np.eye(4))
   io.save_image(out / 'img.nii.gz', _ramp() + 1, np.eye(4))  # overwrite in place
-  io.atomic_write_text(out / 'report.json', '{}')
-  assert sorted(p.name for p in out.iterdir()) == ['img.nii.gz', 'report.json']
+  assert sorted(p.name for p in out.iterdir()) == ['img.nii.gz']
   np.testing.assert_array_equal(io.load_image(out / 'img.nii.gz').data, _ramp() + 1)
-  assert (out / 'report.json').read_text() == '{}'
+
+
+def _text_writers(**texts):
+  return {name.replace('_', '.'): (lambda path, t=text: path.write_text(t))
+          for name, text in texts.items()}
+
+
+def test_write_folder_all_or_nothing(tmp_path):
+  out = tmp_path / 'report'
+  paths = io.write_folder(out, _text_writers(a_csv='1', done_md='ok'))
+  assert [p.name for p in paths] == ['a.csv', 'done.md'] and paths[0].read_text() == '1'
+  # Into an existing folder: other files stay, the set is replaced, no staging left.
+  (out / 'notes.txt').write_text('kept')
+  io.write_folder(out, _text_writers(a_csv='2', done_md='ok2'))
+  assert sorted(p.name for p in out.iterdir()) == ['a.csv', 'done.md', 'notes.txt']
+  assert (out / 'a.csv').read_text() == '2' and (out / 'notes.txt').read_text() == 'kept'
+  assert sorted(p.name for p in tmp_path.iterdir()) == ['report']
+
+  def fails(path):
+    raise OSError(28, 'No space left on device')
+  with pytest.raises(ProgressionError, match='report2.*No space left'):
+    io.write_folder(tmp_path / 'report2', {'a.csv': fails, 'done.md': fails})
+  assert sorted(p.name for p in tmp_path.iterdir()) == ['report']  # Nothing half-made.
 
 
 def test_saved_files_get_umask_permissions_not_owner_only(tmp_path):
@@ -252,8 +273,8 @@ def test_output_under_a_file_raises(tmp_path):
   blocker.write_text('x')
   with pytest.raises(ProgressionError, match='not_a_dir'):
     io.save_image(blocker / 'img.nii.gz', _ramp(), np.eye(4))
-  with pytest.raises(ProgressionError, match='not_a_dir'):
-    io.atomic_write_text(blocker / 'deeper' / 'notes.txt', 'x')
+  with pytest.raises(ProgressionError, match='not_a_dir/deeper'):
+    io.write_folder(blocker / 'deeper', _text_writers(notes_txt='x'))
   assert blocker.read_text() == 'x'
 
 
