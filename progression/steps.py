@@ -5,7 +5,7 @@ A batch is a dict of arrays with a leading per-device batch axis:
   years: `[B]` interval baseline -> follow-up in years;
   covariates: `[B, covariates.ENCODED_DIM]` encoded baseline covariates;
   baseline_labels, followup_labels: `[B, x, y, z]` uint8 class indices into
-    `labels.CLASS_IDS` (optional; for the Dice loss);
+    `labels.CLASS_IDS` (optional; for the Dice and volume losses);
   valid: `[B]` 1.0 for real examples, 0.0 for padding (evaluation only).
 """
 

@@ -172,7 +172,7 @@ def warp_label_corners(classes: Array, displacement: Array) -> tuple[Array, Arra
   The soft label that `warp_labels_onehot(one_hot(classes), displacement)` gives at p is
   sum over the 8 corners c of weights[c, p] * one_hot(corner_classes[c, p]): this form
   never builds the K-channel maps (K times less memory traffic for K classes), and losses
-  can reduce it per class directly (`losses.warped_labels_dice`).
+  can reduce it per class directly (`losses.warped_label_sums`).
 
   Args:
     classes: [B, x, y, z] integer class indices.
