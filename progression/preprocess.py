@@ -113,6 +113,9 @@ def resample(data: np.ndarray, source_affine: np.ndarray, target_shape: Sequence
       output=out_dtype, order=order, mode='grid-constant', cval=0, prefilter=False)
 
 
+_BRAIN_PERCENTILE = 99.5  # Robust maximum for the brain-centre threshold.
+
+
 def brain_center_mm(volume: Volume, threshold_fraction: float = 0.1) -> np.ndarray:
   """World position (mm) of the centroid of the image's foreground, shape [3].
 
@@ -121,7 +124,8 @@ def brain_center_mm(volume: Volume, threshold_fraction: float = 0.1) -> np.ndarr
   foreground voxel counts the same (not weighted by intensity), so bias fields barely move it.
   """
   data = np.asarray(volume.data, dtype=np.float32)
-  return _brain_center_mm(volume, data, float(np.percentile(data, 99.5)), threshold_fraction)
+  high = float(np.percentile(data, _BRAIN_PERCENTILE))
+  return _brain_center_mm(volume, data, high, threshold_fraction)
 
 
 def _brain_center_mm(volume: Volume, data: np.ndarray, high: float,
@@ -168,16 +172,21 @@ def normalize_intensity(data: np.ndarray, mask: np.ndarray | None = None,
   Returns:
     float32 array of `data`'s shape.
   """
-  data = np.asarray(data, dtype=np.float32)
+  data = _finite_float32(data)
   low_pct, high_pct = (float(p) for p in percentiles)
   if not 0.0 <= low_pct < high_pct <= 100.0:
     raise ProgressionError(f'normalize_intensity: percentiles must satisfy 0 <= low < high <= 100, '
                            f'got {percentiles!r}')
-  if not np.all(np.isfinite(data)):
-    raise ProgressionError('normalize_intensity: data contains NaN or infinite values')
   values = data if mask is None else data[_as_mask(mask, data.shape)]
   low, high = np.percentile(values, [low_pct, high_pct])
   return _scale(data, low, high, (low_pct, high_pct), clip)
+
+
+def _finite_float32(data: np.ndarray) -> np.ndarray:
+  data = np.asarray(data, dtype=np.float32)
+  if not np.all(np.isfinite(data)):
+    raise ProgressionError('normalize_intensity: data contains NaN or infinite values')
+  return data
 
 
 def _scale(data: np.ndarray, low: float, high: float, percentiles: tuple[float, float],
@@ -210,11 +219,9 @@ def to_grid(image: Volume, grid: Grid, labels: Volume | None = None,
     center_mm: world point (mm) placed at the grid centre; defaults to
       `brain_center_mm(image)`.
   """
-  data = np.asarray(image.data, dtype=np.float32)
-  if not np.all(np.isfinite(data)):
-    raise ProgressionError('normalize_intensity: data contains NaN or infinite values')
+  data = _finite_float32(image.data)
   # One selection pass for the normalisation's and the brain centre's percentiles.
-  low, high, brain_high = np.percentile(data, [*_NORMALIZE_PERCENTILES, 99.5])
+  low, high, brain_high = np.percentile(data, [*_NORMALIZE_PERCENTILES, _BRAIN_PERCENTILE])
   if center_mm is None:
     center_mm = _brain_center_mm(image, data, float(brain_high))
   affine = grid.affine(center_mm)
