@@ -180,6 +180,11 @@ def warped_labels_dice(baseline_classes: Array, followup_classes: Array, displac
   one_hot(followup_classes))` (background excluded), from `warped_label_sums`.
   """
   sums = warped_label_sums(baseline_classes, followup_classes, displacement, num_classes)
+  return label_dice_loss(sums, eps)
+
+
+def label_dice_loss(sums: LabelSums, eps: float = 1e-6) -> Array:
+  """1 - mean soft Dice over the classes present, from `warped_label_sums`: [B]."""
   return _dice_loss_from_sums(sums.overlap, sums.warped + sums.target, eps)
 
 
@@ -223,7 +228,8 @@ def total_loss(outputs: Mapping[str, Array], batch: Mapping[str, Any],
     batch: 'baseline', 'followup' [B,x,y,z,1], 'years' [B], 'covariates';
       optional 'mask' [B,x,y,z] (brain mask for the image MSE) and
       'baseline_labels' / 'followup_labels' [B,x,y,z] integer class indices into
-      `labels.CLASS_IDS` (0 = background; required when weights['dice'] > 0).
+      `labels.CLASS_IDS` (0 = background; required when weights['dice'] or
+      weights['volume'] > 0).
     weights: Python floats for 'image' (MSE), 'ncc', 'smoothness', 'dice', 'volume'
       (`label_volume_error`), 'folding'; 0 disables a term (it is then not computed).
       Missing keys = 0.
@@ -248,7 +254,7 @@ def total_loss(outputs: Mapping[str, Array], batch: Mapping[str, Any],
     sums = warped_label_sums(batch['baseline_labels'], batch['followup_labels'],
                              outputs['displacement'], labels.NUM_CLASSES)
     if w['dice']:
-      metrics['dice'] = _dice_loss_from_sums(sums.overlap, sums.warped + sums.target, 1e-6)
+      metrics['dice'] = label_dice_loss(sums)
     if w['volume']:
       metrics['volume'] = label_volume_error(sums)
   if w['folding']:
