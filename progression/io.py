@@ -18,10 +18,15 @@ from typing import Callable, Mapping
 
 import nibabel as nib
 import numpy as np
+from absl import logging
 
+from progression import labels
 from progression.errors import ProgressionError
 
 PathLike = str | os.PathLike
+# Files (or array names) whose unknown label ids were already reported.
+_WARNED_UNKNOWN_IDS: set[str] = set()
+_BINCOUNT_MAX = 1 << 16  # Largest value counted with np.bincount (else np.unique).
 
 
 @dataclasses.dataclass(frozen=True)
@@ -84,18 +89,82 @@ def load_image(path: PathLike) -> Volume:
 
 
 def load_labels(path: PathLike) -> Volume:
-  """Loads a 3D NIfTI label map as int32 in canonical RAS+ order.
+  """Loads a 3D NIfTI label map as int32 in canonical RAS+ order (checked by `check_label_map`).
 
   Raises:
-    ProgressionError: as `load_image`, and when voxel values are not integers.
+    ProgressionError: as `load_image`, and as `check_label_map` (non-integer values; not a
+      label map, e.g. a T1w image given as labels).
   """
   data, affine = _read(path)
-  if not np.all(np.isfinite(data)):
-    raise ProgressionError(f'{path}: label map contains NaN or infinite voxels')
-  rounded = np.rint(data)
-  if np.any(np.abs(rounded - data) > 1e-3):
-    raise ProgressionError(f'{path}: label map has non-integer voxel values')
-  return from_array(rounded.astype(np.int32), affine, path=str(path))
+  return from_array(check_label_map(data, str(path)), affine, path=str(path))
+
+
+def check_label_map(data: np.ndarray, where: str) -> np.ndarray:
+  """Checks that `data` is a label map with FreeSurfer/SynthSeg ids; returns it as int32.
+
+  One pass over the ids (`np.bincount`, or `np.unique` for negative or very large values)
+  gives each id's voxel count; `labels.summarize_ids` names the convention and the ids no
+  convention knows (`labels.KNOWN_IDS`). Unknown ids on a minority of the non-zero voxels
+  count in no region: a warning lists them with their voxel counts, once per `where`.
+
+  Args:
+    data: `[x, y, z]` array of ids (integer, or float holding integers).
+    where: the file (or a name for an in-memory array) that error messages name.
+
+  Raises:
+    ProgressionError: naming `where`, when voxels are NaN/inf or not integers, or when more
+      than `labels.MAX_UNKNOWN_FRACTION` of the non-zero voxels carry unknown ids (an
+      intensity image, not a label map).
+  """
+  data = np.asarray(data)
+  if not np.issubdtype(data.dtype, np.integer):
+    if not np.all(np.isfinite(data)):
+      raise ProgressionError(f'{where}: label map contains NaN or infinite voxels')
+    rounded = np.rint(data)
+    if np.any(np.abs(rounded - data) > 1e-3):
+      raise ProgressionError(f'{where}: label map has non-integer voxel values (an intensity '
+                             'image given as labels?)')
+    data = rounded
+  ids, counts = _id_counts(data)
+  if ids.size and (ids[0] < np.iinfo(np.int32).min or ids[-1] > np.iinfo(np.int32).max):
+    raise ProgressionError(f'{where}: not a label map: voxel values reach {ids[-1]} '
+                           f'(FreeSurfer ids are 0-{labels.MAX_KNOWN_ID})')
+  summary = labels.summarize_ids(ids, counts)
+  if summary.unknown_fraction > labels.MAX_UNKNOWN_FRACTION:
+    raise ProgressionError(
+        f'{where}: not a label map: {100 * summary.unknown_fraction:.0f} % of the non-zero '
+        f'voxels carry {len(summary.unknown)} ids that no known convention '
+        f'({", ".join(labels.CONVENTIONS)}) uses (id: voxels {_some_ids(summary.unknown, 5)}); '
+        'was an intensity image (e.g. the T1w) given as the labels?')
+  if summary.unknown and where not in _WARNED_UNKNOWN_IDS:
+    _WARNED_UNKNOWN_IDS.add(where)
+    logging.warning(
+        '%s: %d voxels (%.2g %% of the non-zero ones) carry label ids that no known convention '
+        'uses, so they count in no region (map looks like %s); id: voxels = %s', where,
+        sum(summary.unknown.values()), 100 * summary.unknown_fraction, summary.convention,
+        _some_ids(summary.unknown, 20))
+  return data.astype(np.int32, copy=False)
+
+
+def _id_counts(data: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+  """Distinct values of an integer-valued array (ascending; int64, float64 for floats
+  beyond `_BINCOUNT_MAX` or below 0) and their voxel counts."""
+  if data.size == 0:
+    return np.zeros(0, np.int64), np.zeros(0, np.int64)
+  low, high = data.min(), data.max()
+  if 0 <= low and high <= _BINCOUNT_MAX:
+    counts = np.bincount(data.ravel().astype(np.intp, copy=False))
+    ids = np.flatnonzero(counts)
+    return ids.astype(np.int64), counts[ids].astype(np.int64)
+  ids, counts = np.unique(data, return_counts=True)
+  return ids.astype(np.float64 if ids.dtype.kind == 'f' else np.int64), counts.astype(np.int64)
+
+
+def _some_ids(id_counts: Mapping[int, int], n: int) -> str:
+  """'{id}: {count}, ...' for the `n` ids with the most voxels (then '... and k more')."""
+  top = sorted(id_counts.items(), key=lambda kv: (-kv[1], kv[0]))
+  text = ', '.join(f'{i}: {c}' for i, c in top[:n])
+  return text + (f', ... and {len(top) - n} more' if len(top) > n else '')
 
 
 def save_image(path: PathLike, data: np.ndarray, affine: np.ndarray,

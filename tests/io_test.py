@@ -297,3 +297,66 @@ def test_save_rejects_non_3d_and_bad_affine(tmp_path):
   with pytest.raises(ProgressionError, match='singular'):
     io.save_image(tmp_path / 'y.nii.gz', _ramp(), np.diag([1., 1., 0., 1.]))
   assert list(tmp_path.iterdir()) == []
+
+
+# --- label maps: conventions, unknown ids, intensity images given as labels -----------------
+
+
+def _label_file(path: Path, counts: dict[int, int], dtype=np.int16) -> Path:
+  """A 6x6x6 label map with exactly `counts[id]` voxels of each id (rest background)."""
+  flat = np.concatenate([np.full(n, i) for i, n in counts.items()]).astype(dtype)
+  flat = np.concatenate([flat, np.zeros(216 - flat.size, dtype)])
+  return _write_nifti(path, np.random.default_rng(0).permutation(flat).reshape(6, 6, 6))
+
+
+def _unknown_id_warnings(caplog) -> list[str]:
+  return [r.getMessage() for r in caplog.records
+          if r.levelname == 'WARNING' and 'no known convention' in r.getMessage()]
+
+
+def test_label_map_with_a_few_unknown_ids_warns_once_per_file(tmp_path, caplog):
+  counts = {2: 40, 3: 30, 1005: 20, 17: 5, 999: 3, 5000: 1}  # 4 of 99 non-zero voxels unknown
+  path = _label_file(tmp_path / 'odd_dseg.nii.gz', counts)
+  with caplog.at_level('WARNING'):
+    vol = io.load_labels(path)
+    io.load_labels(path)
+  assert np.count_nonzero(vol.data == 999) == 3
+  (message,) = _unknown_id_warnings(caplog)
+  assert str(path) in message and '999: 3, 5000: 1' in message and '4 voxels' in message
+  assert 'synthseg_parc' in message  # parcels without FreeSurfer-only ids
+  caplog.clear()
+  with caplog.at_level('WARNING'):
+    io.load_labels(_label_file(tmp_path / 'other_dseg.nii.gz', counts))
+    io.load_labels(_label_file(tmp_path / 'clean_dseg.nii.gz', {2: 40, 3: 30, 77: 2}))
+  assert len(_unknown_id_warnings(caplog)) == 1  # a new file warns again; a clean one does not
+
+
+@pytest.mark.parametrize('dtype', [np.int16, np.float32])
+def test_uniform_random_ids_are_not_a_label_map(tmp_path, dtype):
+  data = np.random.default_rng(1).integers(0, 1001, (6, 7, 8)).astype(dtype)
+  path = _write_nifti(tmp_path / 'T1w_as_labels.nii.gz', data)
+  _assert_error_names(path, loader=io.load_labels, match='not a label map')
+  assert io.load_image(path).data.shape == (6, 7, 8)
+
+
+def test_float_intensity_image_is_not_a_label_map(tmp_path):
+  data = 100.0 + 20.0 * np.random.default_rng(2).standard_normal((6, 7, 8)).astype(np.float32)
+  path = _write_nifti(tmp_path / 'T1w.nii.gz', data)
+  _assert_error_names(path, loader=io.load_labels, match='non-integer')
+  _assert_error_names(_write_nifti(tmp_path / 'rounded_T1w.nii.gz', np.rint(data)),
+                      loader=io.load_labels, match='not a label map')
+
+
+def test_huge_values_are_not_a_label_map(tmp_path):
+  data = np.zeros((4, 4, 4), np.float64)
+  data[0, 0, 0] = 3e12
+  _assert_error_names(_write_nifti(tmp_path / 'huge.nii.gz', data), loader=io.load_labels,
+                      match='not a label map')
+
+
+def test_check_label_map_on_arrays():
+  ids = io.check_label_map(np.array([[[0, 2], [1005, 17]]] * 2, np.float64), 'in-memory labels')
+  assert ids.dtype == np.int32 and ids[0, 1, 0] == 1005
+  with pytest.raises(ProgressionError, match='in-memory labels: not a label map'):
+    io.check_label_map(np.full((2, 2, 2), 7000, np.int32), 'in-memory labels')
+  assert io.check_label_map(np.zeros((2, 2, 2), np.uint8), 'empty').sum() == 0
