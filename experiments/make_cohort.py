@@ -25,6 +25,8 @@ _VISITS = flags.DEFINE_integer('visits', 3, 'Visits per subject (baseline includ
 _SEED = flags.DEFINE_integer('seed', 0, 'Random seed (>= 0); same seed, same files.')
 _INTERVAL = flags.DEFINE_float('interval_years', 1.0, 'Years between visits.')
 _WORKERS = flags.DEFINE_integer('workers', None, 'Worker processes (default: CPUs, max 8).')
+_MOTION = flags.DEFINE_float('motion_mm', 0.0, 'Rigid head motion between visits: up to this '
+                             'many mm and degrees (0: none).')
 flags.mark_flag_as_required('out')
 
 
@@ -51,7 +53,7 @@ def main(argv):
   root = synthetic.make_cohort(
       _OUT.value, _SUBJECTS.value, shape=_shape(_SHAPE.value), voxel_mm=_VOXEL_MM.value,
       n_visits=_VISITS.value, seed=_SEED.value, visit_interval_years=_INTERVAL.value,
-      progress=progress, workers=_WORKERS.value)
+      progress=progress, workers=_WORKERS.value, motion_mm=_MOTION.value)
   logging.info('cohort ready in %.1f s', time.monotonic() - start)
   summary = synthetic.summarize_cohort(root)
   table = pd.DataFrame({'subjects': summary.subjects})
@@ -62,6 +64,9 @@ def main(argv):
   print('mean annual volume change by baseline diagnosis (measured on the label maps vs the '
         'true per-subject rates):')
   print(table.T.to_string())
+  print('signal at baseline: correlation of the latent disease stage with what a forecaster '
+        'sees (fractions of the intracranial volume) and with the future hippocampal rate:')
+  print(synthetic.signal_statistics(synthetic.baseline_signal(root)).round(2).to_string())
 
 
 if __name__ == '__main__':

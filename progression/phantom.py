@@ -1,13 +1,15 @@
 """Procedural brain phantom: anatomy in world mm, labels, T1-like images, atrophy fields.
 
-The anatomy is defined in *reference millimetres* for an adult head (scalp 156 x 192 x 164 mm)
-and scaled so the head fills the field of view: `world_mm = scale * reference_mm`, with the
-head's longest (antero-posterior) semi-axis ~96 % of half the smallest field-of-view side. A
-64^3 grid of 2 mm voxels (128 mm cube) therefore holds a head ~0.64 x real size (brain ~320 mL
-instead of ~1200 mL; smaller than a real head, by design) with roughly real proportions:
-hippocampi ~0.65 % of the brain, lateral ventricles ~1.5-3 %, cortex ~48 %, extracerebral CSF
-~30 % of the intracranial volume. Shapes are analytic functions of world coordinates, so the
-same subject at another resolution with the same field of view is the same anatomy.
+The anatomy is defined in *reference millimetres* for an adult head (scalp 164 x 200 x 154 mm,
+brain ~132 x 164 x 120 mm, ~1150 mL of brain tissue) and placed in the field of view at real
+size times the subject's head-size factor: `world_mm = scale * reference_mm`. A field of view
+too small to hold the head (e.g. the 32^3 x 4 mm grids of quick tests) shrinks every head
+by one factor (an average head's semi-axes at most 97 % of the half field of view), keeping
+head-size differences and roughly real proportions:
+hippocampi ~0.6 % of the brain, lateral ventricles ~1.5-3 %, extracerebral CSF ~25 % of
+the intracranial volume. A 2 mm grid of 96 x 112 x 96 voxels holds an adult head at real
+size. Shapes are analytic functions of world coordinates, so the same subject at another
+resolution with the same field of view is the same anatomy.
 
 Structures are (bent, rotated) ellipsoids painted in order (later wins): CSF 24 inside the
 skull, cortex ribbon 3/42 of gyrally varying thickness (with an interhemispheric fissure),
@@ -16,10 +18,13 @@ lateral ventricles 5/44, lateral ventricles 4/43. Skull and scalp carry label 0.
 ids follow the sign of the anatomical x coordinate (RAS+: x > 0 is the subject's right).
 
 Per-subject variation: head size, a smooth random low-frequency displacement of the whole
-anatomy (`Anatomy.warp_*`), jittered structure positions and sizes, diagnosis- and
-age-dependent hippocampal/ventricular size, cortical thickness and gyral pattern, tissue
-contrast. Intensities get partial-volume anti-aliasing (a linear ramp one voxel wide across
-each surface); labels use a fixed sub-voxel dither (`label_threshold`). `bias_field` and
+anatomy (`Anatomy.warp_*`), jittered structure positions and sizes, the structure volumes
+and cortical thickness given by `AnatomyFactors` (which `progression.disease_model` draws
+from the subject's disease stage and age), gyral pattern, tissue contrast. Intensities get
+partial-volume anti-aliasing (a linear ramp one voxel wide across each surface). Labels of
+the large tissues use a fixed sub-voxel dither (`label_threshold`); each deep structure gets
+exactly round(sum of its visible partial volumes) voxels (`_count_exact`), so its label
+count follows its continuous volume to half a voxel, visit after visit. `bias_field` and
 `rician` add scanner effects. The last section holds the atrophy deformation primitives
 (velocity fields on a coarse grid, scaling and squaring, upsampling, Jacobians) that
 `progression.synthetic` calibrates per subject.
@@ -39,12 +44,11 @@ from scipy import ndimage
 from progression import labels as L
 
 # Reference semi-axes (mm) of the nested shells, all centred at the origin.
-HEAD_AXES = (78.0, 96.0, 82.0)
-SKULL_AXES = (73.0, 91.0, 77.0)
-ICV_AXES = (67.0, 85.0, 71.0)
-BRAIN_AXES = (61.0, 78.0, 63.0)
-# Reference mm from the centre to the field-of-view edge along its smallest side.
-REFERENCE_HALF_FOV = 100.0
+HEAD_AXES = (82.0, 100.0, 77.0)
+SKULL_AXES = (77.0, 95.0, 72.0)
+ICV_AXES = (71.0, 89.0, 66.0)
+BRAIN_AXES = (66.0, 82.0, 60.0)
+FIT_MARGIN = 0.97  # Largest semi-axis of an average head / half field of view, at most.
 CORTEX_THICKNESS = 10.5  # Mean ribbon thickness (reference mm; folded cortex as a thick ribbon).
 FISSURE_HALF_WIDTH = 2.5
 # Relative T1 intensities (WM = 1).
@@ -151,19 +155,41 @@ def _rotation(yaw_deg: float, pitch_deg: float) -> np.ndarray:
   return rz @ rx
 
 
-def sample_anatomy(rng: np.random.Generator, fov_mm: float, diagnosis: str,
-                   age_years: float) -> Anatomy:
+@dataclasses.dataclass(frozen=True)
+class AnatomyFactors:
+  """Baseline size factors of one subject relative to a healthy brain of the same head size.
+
+  Volume factors (multiplying the reference volume) of each deep structure; `brain`: linear
+  factor of the brain's semi-axes inside a fixed skull (less brain, more CSF);
+  `cortex_thickness`: factor of the mean cortical ribbon thickness.
+  """
+  hippocampus: float = 1.0
+  amygdala: float = 1.0
+  lateral_ventricle: float = 1.0
+  inferior_lateral_ventricle: float = 1.0
+  thalamus: float = 1.0
+  brain: float = 1.0
+  cortex_thickness: float = 1.0
+
+
+def fit_scale(fov_mm: Sequence[float]) -> float:
+  """World/reference scale (<= 1) at which an average head fits the field of view (mm)."""
+  fov = np.broadcast_to(np.asarray(fov_mm, np.float64), (3,))
+  return float(min(1.0, np.min(FIT_MARGIN * 0.5 * fov / (np.asarray(HEAD_AXES) * 1.05))))
+
+
+def sample_anatomy(rng: np.random.Generator, fov_mm: Sequence[float] | float,
+                   factors: AnatomyFactors = AnatomyFactors(),
+                   head_scale: float = 1.0) -> Anatomy:
   """Draws one subject's anatomy.
 
   Args:
-    rng: the subject's generator (all randomness comes from it).
-    fov_mm: smallest side of the field of view (mm); sets `scale`.
-    diagnosis: 'CN', 'MCI' or 'AD' (AD: smaller hippocampi/amygdalae, larger ventricles,
-      thinner cortex, slightly smaller brain).
-    age_years: age at baseline; older subjects have larger ventricles and smaller hippocampi.
+    rng: the subject's generator (all randomness of the shape details comes from it).
+    fov_mm: field of view (mm), per axis or one number; a head that does not fit is shrunk.
+    factors: structure sizes (`AnatomyFactors`, e.g. from `disease_model.draw_baseline`).
+    head_scale: the subject's head size relative to the reference adult head.
   """
-  head = float(np.clip(rng.normal(1.0, 0.03), 0.92, 1.04))
-  scale = 0.5 * fov_mm / REFERENCE_HALF_FOV * head
+  scale = head_scale * fit_scale(fov_mm)
   n_modes = 4
   direction = rng.normal(size=(n_modes, 3))
   direction /= np.linalg.norm(direction, axis=1, keepdims=True)
@@ -171,37 +197,22 @@ def sample_anatomy(rng: np.random.Generator, fov_mm: float, diagnosis: str,
   warp_amp = rng.normal(0.0, 1.2, size=(n_modes, 3))
   warp_phase = rng.uniform(0, 2 * np.pi, size=n_modes)
   shell = np.clip(rng.normal(1.0, 0.02, size=3), 0.95, 1.05)
-
-  stage = {'CN': 0.0, 'MCI': 0.5, 'AD': 1.0}[diagnosis]
-  aging = np.clip((age_years - 72.0) / 10.0, -1.5, 2.0)
-  # Brain shrinks with age and disease inside a fixed skull (more CSF).
-  brain_factor = float(np.clip(1.0 - 0.012 * aging - 0.015 * stage + rng.normal(0, 0.01),
-                               0.93, 1.02))
+  brain_factor = float(np.clip(factors.brain, 0.85, 1.03))
   brain = Ellipsoid(np.zeros(3), np.asarray(BRAIN_AXES) * shell * brain_factor, np.eye(3))
   c, a, (yaw, pitch) = _BRAINSTEM
   brainstem = Ellipsoid(np.asarray(c), np.asarray(a), _rotation(yaw, pitch))
-
-  # Volume factors (baseline) by structure: hippocampal atrophy and ventricular enlargement.
-  volume = {
-      'hippocampus': (1.0 - 0.22 * stage - 0.04 * aging) * np.exp(rng.normal(0, 0.07)),
-      'amygdala': (1.0 - 0.18 * stage - 0.03 * aging) * np.exp(rng.normal(0, 0.07)),
-      'lateral_ventricle': (1.0 + 0.45 * stage + 0.15 * aging) * np.exp(rng.normal(0, 0.2)),
-      'inferior_lateral_ventricle': (1.0 + 0.8 * stage + 0.2 * aging) * np.exp(
-          rng.normal(0, 0.2)),
-      'thalamus': (1.0 - 0.05 * stage) * np.exp(rng.normal(0, 0.05)),
-  }
   deep = []
   for name, left_id, right_id, center, axes, (yaw, pitch), bend, tissue in _DEEP:
     shapes = []
     for _ in range(2):  # left, right: independent jitter
-      size = max(volume[name], 0.3) ** (1 / 3) * np.exp(rng.normal(0, 0.03, size=3))
+      size = max(getattr(factors, name), 0.3) ** (1 / 3) * np.exp(rng.normal(0, 0.03, size=3))
       jitter = rng.normal(0, 1.0, size=3)
       rot = _rotation(yaw + rng.normal(0, 3.0), pitch + rng.normal(0, 3.0))
       shapes.append(Ellipsoid(np.asarray(center) + jitter, np.asarray(axes) * size, rot, bend))
     shapes[0] = shapes[0].mirrored()
     deep.append(Structure(name, (left_id, right_id), tuple(shapes), tissue))
 
-  thickness = CORTEX_THICKNESS * (1.0 - 0.07 * stage) * float(np.exp(rng.normal(0, 0.05)))
+  thickness = CORTEX_THICKNESS * factors.cortex_thickness
   gyri = (2 * np.pi / rng.uniform(26.0, 34.0), 0.4, *rng.uniform(0, 2 * np.pi, size=3))
   contrast = {k: v * float(np.exp(rng.normal(0, 0.02))) for k, v in INTENSITY.items()}
   contrast['wm'] = 1.0
@@ -323,15 +334,43 @@ def render(anat: Anatomy, r: np.ndarray, voxel_mm: float,
   if box is not None:
     sdf = _ellipsoid_sdf(r[(slice(None),) + box], anat.brainstem)
     paint(np.maximum(sdf, brain_sdf[box]), L.BRAINSTEM, 'brainstem', box)
-  for structure in anat.deep:
-    for side, shape_ in enumerate(structure.shapes):
-      box = _bbox(r, shape_, margin, stride)
-      if box is not None:
-        sdf = _ellipsoid_sdf(r[(slice(None),) + box], shape_)
-        paint(sdf, structure.ids[side], structure.intensity, box)
+  painted = [(structure, side, shape_) for structure in anat.deep
+             for side, shape_ in enumerate(structure.shapes)]
+  for k, (structure, side, shape_) in enumerate(painted):
+    box = _bbox(r, shape_, margin, stride)
+    if box is None:
+      continue
+    sub = r[(slice(None),) + box]
+    sdf = _ellipsoid_sdf(sub, shape_)
+    later = [_ellipsoid_sdf(sub, e) for _, _, e in painted[k + 1:]]
+    selected = _count_exact(sdf, later, ramp, threshold[box])
+    labels[box][selected] = structure.ids[side]
+    if mu is not None:
+      alpha = np.clip(0.5 - sdf / ramp, 0.0, 1.0)
+      mu[box] += alpha * (np.float32(anat.contrast[structure.intensity]) - mu[box])
   if mu is not None:
     mu *= np.float32(anat.gain)
   return labels, mu
+
+
+def _count_exact(sdf: np.ndarray, later_sdfs: Sequence[np.ndarray], ramp: np.float32,
+                 dither: np.ndarray) -> np.ndarray:
+  """Voxels a structure labels: the round(V) voxels of largest visible partial volume.
+
+  The visible partial volume of a voxel is its own ramp fraction clip(0.5 - sdf / ramp)
+  times (1 - fraction) of each structure painted after it; V is their sum, in voxels. So the
+  label count is the continuous visible volume to half a voxel, whatever the deformation, and
+  the later structures take the voxels they cover most. Ties break by the fixed dither.
+  """
+  visible = np.clip(0.5 - sdf / ramp, 0.0, 1.0)
+  for other in later_sdfs:
+    visible *= 1.0 - np.clip(0.5 - other / ramp, 0.0, 1.0)
+  count = int(round(float(visible.sum(dtype=np.float64))))
+  selected = np.zeros(sdf.shape, dtype=bool)
+  if count:
+    key = (visible - np.float32(1e-4) * dither).ravel()
+    selected.ravel()[np.argpartition(-key, count - 1)[:count]] = True
+  return selected
 
 
 @functools.lru_cache(maxsize=4)

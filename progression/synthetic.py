@@ -7,24 +7,26 @@ one stationary velocity field v (mm/year) per subject, a sum of
   CSF shell (the skull does not move; extracerebral CSF grows);
 - Gaussian-windowed radial contraction/expansion fields on each hippocampus, amygdala and
   lateral ventricle (window = the structure's ellipsoid, 1.25 x its semi-axes),
-integrated by scaling and squaring on a coarse grid (~4 mm over a 128 mm field of view) and
-upsampled. The follow-up image at x renders the continuous phantom at phi_t^-1(x) (exact
-partial-volume rendering instead of resampling the baseline, so no interpolation blur), with
-the baseline's bias field and new Rician noise.
+integrated by scaling and squaring on a coarse grid (~6 mm at real size) and upsampled. The
+follow-up image at x renders the continuous phantom at phi_t^-1(x) (exact partial-volume
+rendering instead of resampling the baseline, so no interpolation blur).
+
+Each visit is a new scan: a new smooth bias field, a global intensity gain (log-sd
+`GAIN_SD`) and new Rician noise; optionally (`motion_mm`) the head moves rigidly between
+visits, up to `motion_mm` mm and `motion_mm` degrees, with the true transform in
+ground_truth.tsv.
 
 Rates are compound: V(t) = V(0) (1 + rate/100)^t, the convention of
-`progression.evaluation.volumes.annualized_percent_change`. The coefficients of v are
+`progression.evaluation.volumes.annualized_percent_change`. Who progresses how fast, and how
+much of it a forecaster can read at baseline, is `progression.disease_model` (a latent
+disease stage drives baseline anatomy, scores and rates). The coefficients of v are
 calibrated per subject by Newton steps on the volumes *measured on the rendered follow-up
 label maps* (log-linear least squares over the visits) until each controlled region is within
-about one voxel of its target (at most `MAX_NEWTON_STEPS`), so the written labels, the ground
-truth table and the target rates agree up to that voxel. Small structures on coarse grids are
-quantised: at 64^3 a hippocampus is ~130 voxels a side (per-subject measured rates within
-~0.4 %/year of the target), at 32^3 ~15 voxels, less than one voxel of CN loss a year, so the
-label volumes there carry the whole-brain and ventricle rates but not hippocampal ones. Targets (signed % per year, literature means: Barnes 2009, Sluimer 2008):
-hippocampus CN -1.4, MCI -2.75, AD -4.7; whole brain -0.5, -1.2, -1.9; lateral ventricles
-+3, +7, +12; amygdala 0.85 x hippocampus; modulated by age (+1 % of the rate per year above
-the diagnosis mean age), APOE4 (+10 % per allele above the diagnosis mean) and a per-subject
-log-normal factor (~20 %); MCI converters progress 1.3 x, stable MCI 0.87 x.
+about one voxel of its target (at most `MAX_NEWTON_STEPS`). Deep structures are labelled
+count-exact (`phantom._count_exact`): a hippocampus's label count is its continuous volume
+to half a voxel, so on a 2 mm grid the label-count annual rate agrees with the true
+deformation's Jacobian-integrated rate to ~0.1 %/year (tests/synthetic_test.py measures it);
+what remains is the half-voxel rounding and the coarse velocity grid's Jacobian.
 """
 
 import dataclasses
@@ -42,21 +44,14 @@ import pandas as pd
 import progression
 from progression import io
 from progression import labels as L
+from progression import disease_model
 from progression import phantom
 from progression import workers as worker_pool
 from progression.errors import ProgressionError
 
-DIAGNOSES = ('CN', 'MCI', 'AD')
-DIAGNOSIS_FRACTIONS = (0.40, 0.35, 0.25)
-RATES = {  # Region -> diagnosis -> mean annual change (signed %, compound).
-    'hippocampus': {'CN': -1.4, 'MCI': -2.75, 'AD': -4.7},
-    'amygdala': {'CN': -1.2, 'MCI': -2.35, 'AD': -4.0},
-    'lateral_ventricles': {'CN': 3.0, 'MCI': 7.0, 'AD': 12.0},
-    'whole_brain': {'CN': -0.5, 'MCI': -1.2, 'AD': -1.9},
-}
-_AGE_MEAN = {'CN': 72.0, 'MCI': 73.0, 'AD': 75.0}
-_APOE4_P = {'CN': (0.72, 0.25, 0.03), 'MCI': (0.50, 0.38, 0.12), 'AD': (0.35, 0.45, 0.20)}
-_CONVERTER_P, _CONVERTER_SPEED, _STABLE_SPEED = 0.3, 1.3, 0.87
+DIAGNOSES = disease_model.DIAGNOSES
+DIAGNOSIS_FRACTIONS = disease_model.DIAGNOSIS_FRACTIONS
+RATE_REGIONS = disease_model.RATE_REGIONS  # Regions with true and expected rate columns.
 # Controlled targets: (region whose rate applies, label ids measured, velocity field).
 _TARGETS = (
     ('whole_brain', L.REGIONS['whole_brain'], None),
@@ -68,7 +63,9 @@ _TARGETS = (
     ('lateral_ventricles', (L.RIGHT_LATERAL_VENTRICLE,), ('lateral_ventricle', 1)),
 )
 MAX_NEWTON_STEPS = 3
+_ID_COUNT = 1 + max(max(ids) for ids in L.REGIONS.values())  # bincount length.
 NOISE_FRACTION = 0.03  # Rician noise std / WM intensity.
+GAIN_SD = 0.05  # Log-sd of the global intensity gain of each visit (scanner drift).
 
 
 @dataclasses.dataclass(frozen=True)
@@ -84,16 +81,28 @@ class Visit:
 
 @dataclasses.dataclass(frozen=True)
 class SubjectPlan:
-  """A subject's covariates, visits and true annual rates (region -> signed %/year)."""
+  """A subject's baseline draw (`disease_model.Baseline`), visits and rates (%/year).
+
+  `rates`: the true annual rates (region -> signed compound %/year); `expected_rates`: their
+  expectation given the baseline observables (`disease_model.expected_rates`).
+  """
   index: int
   participant_id: str
-  sex: str
-  education_years: int
-  apoe4: int
-  diagnosis: str
-  converter: bool
-  rates: dict
+  baseline: disease_model.Baseline
+  expected_rates: dict
   visits: tuple[Visit, ...]
+
+  @property
+  def diagnosis(self) -> str:
+    return self.baseline.diagnosis
+
+  @property
+  def rates(self) -> dict:
+    return self.baseline.rates
+
+  @property
+  def sex(self) -> str:
+    return self.baseline.sex
 
 
 def visit_months(n_visits: int, interval_years: float) -> list[int]:
@@ -115,50 +124,18 @@ def plan_cohort(n_subjects: int, n_visits: int, seed: int,
           for i, dx in enumerate(diagnoses)]
 
 
-def _round_half(x: float) -> float:
-  return float(np.round(2 * x) / 2)
-
-
 def _plan_subject(index: int, participant_id: str, dx: str, months: list[int],
                   seed: int) -> SubjectPlan:
   rng = np.random.default_rng(np.random.SeedSequence([seed, 0, index, 0]))
-  age = float(np.clip(rng.normal(_AGE_MEAN[dx], 7.0), 60.0, 90.0))
-  sex = 'F' if rng.random() < 0.5 else 'M'
-  education = int(np.clip(round(rng.normal({'CN': 16.2, 'MCI': 15.8, 'AD': 15.1}[dx], 2.8)),
-                          6, 22))
-  apoe4 = int(rng.choice(3, p=_APOE4_P[dx]))
-  converter = dx == 'MCI' and rng.random() < _CONVERTER_P
-  speed = {'CN': 1.0, 'AD': 1.0, 'MCI': _CONVERTER_SPEED if converter else _STABLE_SPEED}[dx]
-  apoe_mean = float(np.dot(np.arange(3), _APOE4_P[dx]))
-  severity = rng.normal()  # Shared by all regions and the cognitive decline.
-  factor = speed * (1 + 0.01 * (age - _AGE_MEAN[dx])) * (1 + 0.1 * (apoe4 - apoe_mean))
-  factor *= math.exp(0.18 * severity - 0.18 ** 2 / 2)
-  rates = {region: by_dx[dx] * factor * math.exp(0.08 * rng.normal() - 0.08 ** 2 / 2)
-           for region, by_dx in RATES.items()}
-  rates['amygdala'] = rates['hippocampus'] * RATES['amygdala'][dx] / RATES['hippocampus'][dx]
-  conversion = rng.uniform(0.5, 4.0) if converter else math.inf
-  if dx == 'CN':
-    mmse0, cdr0 = float(rng.choice([28, 29, 30], p=[0.2, 0.35, 0.45])), float(
-        rng.choice([0.0, 0.5], p=[0.8, 0.2]))
-  elif dx == 'MCI':
-    mmse0 = float(np.clip(round(rng.normal(26.8, 1.6)), 24, 29))
-    cdr0 = float(np.clip(_round_half(rng.normal(1.6, 0.9)), 0.5, 4.0))
-  else:
-    mmse0 = float(np.clip(round(rng.normal(21.5, 3.0)), 15, 26))
-    cdr0 = float(np.clip(_round_half(rng.normal(5.5, 1.8)), 3.0, 10.0))
+  baseline = disease_model.draw_baseline(rng, dx)
+  conversion = rng.uniform(0.5, 4.0) if baseline.converter else math.inf
   visits = []
-  for k, m in enumerate(months):
+  for m in months:
     t = m / 12.0
-    visit_dx = 'AD' if t >= conversion else dx
-    before, after = min(t, conversion), max(0.0, t - conversion)
-    slope = {'CN': (0.1, 0.05), 'MCI': (0.6, 0.5), 'AD': (2.5, 1.6)}
-    decline = (slope[dx][0] * before + slope['AD'][0] * after) * factor / speed
-    worsening = (slope[dx][1] * before + slope['AD'][1] * after) * factor / speed
-    noise = (rng.normal(0, 0.7), rng.normal(0, 0.3)) if k else (0.0, 0.0)
-    mmse = int(np.clip(round(mmse0 - decline + noise[0]), 0, 30))
-    cdrsb = float(np.clip(_round_half(cdr0 + worsening + noise[1]), 0.0, 18.0)) + 0.0
-    visits.append(Visit(f'ses-M{m:03d}', t, round(age + t, 2), visit_dx, mmse, cdrsb))
-  return SubjectPlan(index, participant_id, sex, education, apoe4, dx, converter, rates,
+    mmse, cdrsb = disease_model.score_trajectory(baseline, t, conversion, rng)
+    visits.append(Visit(f'ses-M{m:03d}', t, round(baseline.age_years + t, 2),
+                        'AD' if t >= conversion else dx, mmse, cdrsb))
+  return SubjectPlan(index, participant_id, baseline, disease_model.expected_rates(baseline),
                      tuple(visits))
 
 
@@ -166,7 +143,7 @@ def _plan_subject(index: int, participant_id: str, dx: str, months: list[int],
 
 def _target_counts(labels: np.ndarray) -> np.ndarray:
   """Voxel counts of each controlled target (`_TARGETS`) in a label map."""
-  per_id = np.bincount(labels.ravel().astype(np.intp), minlength=64)
+  per_id = np.bincount(labels.ravel().astype(np.intp), minlength=_ID_COUNT)
   return np.array([per_id[list(ids)].sum() for _, ids, _ in _TARGETS], dtype=np.float64)
 
 
@@ -258,22 +235,30 @@ def calibrate_followups(anat: phantom.Anatomy, world: np.ndarray, voxel_mm: floa
 
 
 def simulate_subject(plan: SubjectPlan, shape: tuple[int, int, int], voxel_mm: float,
-                     seed: int) -> list[dict]:
+                     seed: int, motion_mm: float = 0.0) -> list[dict]:
   """Renders every visit of one subject.
+
+  Args:
+    motion_mm: largest rigid head motion of a follow-up relative to the baseline: each
+      translation component up to this many mm, each rotation up to this many degrees
+      (uniform draws); 0 = none.
 
   Returns:
     per visit: {'labels': int16 [x,y,z], 'image': int16 [x,y,z] (scanner units, WM ~1000),
-    'displacement': [3,x,y,z] float32 mm of phi_t^-1 - identity (zeros at baseline)}.
+    'displacement': [3,x,y,z] float32 mm of phi_t^-1 - identity (zeros at baseline),
+    'motion': 4x4 world (mm) transform from this visit's scanner space to the baseline's
+    (identity at baseline)}.
   """
   streams = np.random.SeedSequence([seed, 0, plan.index, 1]).spawn(2 + len(plan.visits))
-  anat = phantom.sample_anatomy(np.random.default_rng(streams[0]), min(shape) * voxel_mm,
-                                plan.diagnosis, plan.visits[0].age_years)
+  fov_mm = [n * voxel_mm for n in shape]
+  anat = phantom.sample_anatomy(np.random.default_rng(streams[0]), fov_mm,
+                                plan.baseline.anatomy, plan.baseline.head_scale)
   world = phantom.world_grid(shape, voxel_mm)
   labels0, mu0 = phantom.render(anat, phantom.anatomical_coordinates(anat, world), voxel_mm)
   scanner = np.random.default_rng(streams[1])
-  bias = phantom.bias_field(scanner, shape)
   sigma = NOISE_FRACTION * anat.gain * float(np.exp(scanner.normal(0.0, 0.1)))
   years = [v.years for v in plan.visits[1:]]
+  motions = [np.eye(4)] + [_rigid_motion(scanner, motion_mm) for _ in years]
   followups = calibrate_followups(anat, world, voxel_mm, labels0, years, plan.rates) if (
       years) else []
   visits = []
@@ -282,21 +267,60 @@ def simulate_subject(plan: SubjectPlan, shape: tuple[int, int, int], voxel_mm: f
       labels, mu, displacement = labels0, mu0, np.zeros_like(world)
     else:
       labels, mu, displacement, r = followups[k - 1]
-      if mu is None:
+      if motion_mm > 0:  # The moved head: this visit's voxel x shows baseline-space T x.
+        moved = _apply(motions[k], world)
+        r = phantom.anatomical_coordinates(anat, moved + _sample_mm(displacement, moved,
+                                                                     voxel_mm))
         labels, mu = phantom.render(anat, r, voxel_mm)
-    noisy = phantom.rician(np.random.default_rng(stream), mu * bias, sigma)
+      elif mu is None:
+        labels, mu = phantom.render(anat, r, voxel_mm)
+    visit_rng = np.random.default_rng(stream)
+    bias = phantom.bias_field(visit_rng, shape)
+    gain = np.float32(np.exp(visit_rng.normal(0.0, GAIN_SD))) if k else np.float32(1.0)
+    noisy = phantom.rician(visit_rng, mu * bias * gain, sigma)
     image = np.clip(np.rint(noisy), 0, np.iinfo(np.int16).max).astype(np.int16)
-    visits.append({'labels': labels, 'image': image, 'displacement': displacement})
+    visits.append({'labels': labels, 'image': image, 'displacement': displacement,
+                   'motion': motions[k]})
   return visits
+
+
+def _rigid_motion(rng: np.random.Generator, motion_mm: float) -> np.ndarray:
+  """A 4x4 rigid transform: rotations and translations uniform in +-motion_mm (deg, mm)."""
+  if motion_mm <= 0:
+    return np.eye(4)
+  angles = np.deg2rad(rng.uniform(-motion_mm, motion_mm, size=3))
+  cx, cy, cz = np.cos(angles)
+  sx, sy, sz = np.sin(angles)
+  rx = np.array([[1, 0, 0], [0, cx, -sx], [0, sx, cx]])
+  ry = np.array([[cy, 0, sy], [0, 1, 0], [-sy, 0, cy]])
+  rz = np.array([[cz, -sz, 0], [sz, cz, 0], [0, 0, 1]])
+  transform = np.eye(4)
+  transform[:3, :3] = rz @ ry @ rx
+  transform[:3, 3] = rng.uniform(-motion_mm, motion_mm, size=3)
+  return transform
+
+
+def _apply(transform: np.ndarray, points: np.ndarray) -> np.ndarray:
+  """A 4x4 transform applied to world points `[3, ...]` (mm), float32."""
+  flat = points.reshape(3, -1).astype(np.float64)
+  moved = transform[:3, :3] @ flat + transform[:3, 3:4]
+  return moved.reshape(points.shape).astype(np.float32)
+
+
+def _sample_mm(displacement: np.ndarray, points: np.ndarray, voxel_mm: float) -> np.ndarray:
+  """A displacement `[3, x, y, z]` on the centred image grid sampled at world points (mm)."""
+  shape = np.asarray(displacement.shape[1:], np.float32).reshape(3, *([1] * (points.ndim - 1)))
+  where = points / np.float32(voxel_mm) + 0.5 * (shape - 1)
+  return phantom.sample_linear(displacement, where)
 
 
 # ------------------------------------------------------------------------- writing
 
-FORMAT_VERSION = 1
-RATE_REGIONS = tuple(RATES)  # Regions with a `<region>_annual_rate_pct` ground-truth column.
+FORMAT_VERSION = 2
 
 
-def _parameters(n_subjects, shape, voxel_mm, n_visits, seed, interval_years) -> dict:
+def _parameters(n_subjects, shape, voxel_mm, n_visits, seed, interval_years,
+                motion_mm=0.0) -> dict:
   """Validated generation parameters (what `dataset_description.json` records)."""
   def fail(field, value, why):
     raise ProgressionError(f'make_cohort: {field}={value!r}: {why}')
@@ -318,13 +342,16 @@ def _parameters(n_subjects, shape, voxel_mm, n_visits, seed, interval_years) -> 
   if not (isinstance(interval_years, (int, float)) and math.isfinite(interval_years)
           and interval_years > 0):
     fail('visit_interval_years', interval_years, 'expected a positive number of years')
+  if not (isinstance(motion_mm, (int, float)) and 0 <= motion_mm <= 10):
+    fail('motion_mm', motion_mm, 'expected a number of mm (and degrees) in [0, 10]')
   months = visit_months(int(n_visits), float(interval_years))
   if len(set(months)) != len(months):
     fail('visit_interval_years', interval_years,
          f'visits fall in the same month {months}; sessions are named by months since baseline')
   return {'n_subjects': int(n_subjects), 'shape': list(shape), 'voxel_mm': float(voxel_mm),
           'n_visits': int(n_visits), 'seed': int(seed),
-          'visit_interval_years': float(interval_years), 'format_version': FORMAT_VERSION}
+          'visit_interval_years': float(interval_years), 'motion_mm': float(motion_mm),
+          'format_version': FORMAT_VERSION}
 
 
 def _anat_path(root: Path, subject: str, session: str, suffix: str) -> Path:
@@ -338,24 +365,37 @@ def _make_subject(job: tuple) -> tuple[int, list[dict]]:
   affine = phantom.grid_affine(shape, voxel_mm)
   voxel_ml = voxel_mm ** 3 / 1000.0
   rows = []
-  for visit, result in zip(plan.visits, simulate_subject(plan, shape, voxel_mm, params['seed'])):
+  for visit, result in zip(plan.visits, simulate_subject(plan, shape, voxel_mm, params['seed'],
+                                                         params['motion_mm'])):
     io.save_image(_anat_path(root, plan.participant_id, visit.session, 'T1w'), result['image'],
                   affine, dtype=np.int16)
     io.save_labels(_anat_path(root, plan.participant_id, visit.session, 'dseg'),
                    result['labels'], affine)
-    per_id = np.bincount(result['labels'].ravel().astype(np.intp), minlength=64)
+    per_id = np.bincount(result['labels'].ravel().astype(np.intp), minlength=_ID_COUNT)
     row = {'subject': plan.participant_id, 'session': visit.session,
-           'years_from_first': visit.years}
+           'years_from_first': visit.years, 'stage': plan.baseline.stage}
     row.update({f'{name}_ml': float(per_id[list(ids)].sum()) * voxel_ml
                 for name, ids in L.REGIONS.items()})
+    row['intracranial_ml'] = float(per_id[1:].sum()) * voxel_ml
     row.update({f'{name}_annual_rate_pct': plan.rates[name] for name in RATE_REGIONS})
+    row.update({f'{name}_expected_rate_pct': plan.expected_rates[name]
+                for name in RATE_REGIONS})
+    row.update(_motion_columns(result['motion']))
     rows.append(row)
   return plan.index, rows
 
 
+def _motion_columns(transform: np.ndarray) -> dict[str, float]:
+  """The 4x4 follow-up -> baseline world transform as 12 columns motion_r<i><j>, motion_t<i>."""
+  columns = {f'motion_r{i}{j}': float(transform[i, j]) for i in range(3) for j in range(3)}
+  columns.update({f'motion_t{i}_mm': float(transform[i, 3]) for i in range(3)})
+  return columns
+
+
 def _write_tables(root: Path, plans: list[SubjectPlan], rows: list[dict], params: dict) -> None:
   lines = ['participant_id\tsex\teducation_level\tapoe4']
-  lines += [f'{p.participant_id}\t{p.sex}\t{p.education_years}\t{p.apoe4}' for p in plans]
+  lines += [f'{p.participant_id}\t{p.sex}\t{p.baseline.education_years}\t{p.baseline.apoe4}'
+            for p in plans]
   (root / 'participants.tsv').write_text('\n'.join(lines) + '\n')
   for p in plans:
     lines = ['session_id\tage\tdiagnosis\tMMSE\tcdr_sb']
@@ -371,12 +411,14 @@ def _write_tables(root: Path, plans: list[SubjectPlan], rows: list[dict], params
       'GeneratedBy': [{'Name': 'progression.synthetic', 'Version': progression.__version__}],
       'ProgressionSynthetic': {
           'parameters': params,
-          'mean_annual_rate_pct_by_diagnosis': RATES,
+          'disease_model': 'progression.disease_model (latent stage -> anatomy, scores, rates)',
           'notes': ('T1w: int16 scanner units (WM ~1000), bias field and Rician noise. dseg: '
                     'FreeSurfer ids. ground_truth.tsv: <region>_ml counted on the dseg maps; '
                     '<region>_annual_rate_pct: the subject\'s true compound annual change '
-                    '(signed %, V(t) = V(0) (1 + rate/100)^t). Anatomy is scaled to the field of '
-                    'view (progression.phantom).')}}
+                    '(signed %, V(t) = V(0) (1 + rate/100)^t); <region>_expected_rate_pct: its '
+                    'expectation given the baseline observables; stage: the latent disease '
+                    'stage; motion_*: the visit-to-baseline rigid transform (mm). Anatomy is '
+                    'at real size when the field of view holds it (progression.phantom).')}}
   (root / 'dataset_description.json').write_text(json.dumps(description, indent=2) + '\n')
 
 
@@ -406,13 +448,14 @@ def make_cohort(out_dir: str | os.PathLike, n_subjects: int,
                 shape: tuple[int, int, int] = (64, 64, 64), voxel_mm: float = 2.0,
                 n_visits: int = 3, seed: int = 0, visit_interval_years: float = 1.0,
                 progress: Callable[[int, int], None] | None = None,
-                workers: int | None = None) -> Path:
+                workers: int | None = None, motion_mm: float = 0.0) -> Path:
   """Writes a simulated longitudinal cohort in Clinica's BIDS layout; returns its folder.
 
   Layout: participants.tsv (participant_id, sex, education_level, apoe4);
   sub-XXX/sub-XXX_sessions.tsv (session_id ses-M<months>, age, diagnosis, MMSE, cdr_sb);
   sub-XXX/ses-MXXX/anat/sub-XXX_ses-MXXX_{T1w,dseg}.nii.gz; ground_truth.tsv (subject,
-  session, years_from_first, <region>_ml for each `labels.REGIONS`, <region>_annual_rate_pct);
+  session, years_from_first, stage, <region>_ml for each `labels.REGIONS`,
+  <region>_annual_rate_pct, <region>_expected_rate_pct, motion_* transform columns);
   dataset_description.json. Images are RAS+, `voxel_mm` isotropic voxels, centred at the
   origin. The same arguments give byte-identical files (any number of workers).
 
@@ -420,18 +463,21 @@ def make_cohort(out_dir: str | os.PathLike, n_subjects: int,
     out_dir: target folder; must be absent, empty, or a complete cohort made with the same
       arguments (then it is returned untouched).
     n_subjects: number of subjects (diagnoses CN/MCI/AD ~ 40/35/25 %).
-    shape: grid in voxels; voxel_mm: voxel edge (mm). The head fills the field of view.
+    shape: grid in voxels; voxel_mm: voxel edge (mm). Heads are at real size when the field
+      of view holds them (96 x 112 x 96 at 2 mm), else shrunk to fit.
     n_visits: visits per subject, every `visit_interval_years` (years; sessions are named by
       round(12 * years) months, and that rounded time is the simulated time).
     seed: integer >= 0; subject i's data depend only on (seed, i, its diagnosis).
     progress: called as progress(subjects_done, n_subjects).
     workers: processes (default: the available CPUs, at most 8, for jobs of more than a few
       seconds; else in-process).
+    motion_mm: rigid head motion between visits, up to this many mm and degrees (0: none).
 
   Raises:
     ProgressionError: for bad arguments or an `out_dir` holding something else.
   """
-  params = _parameters(n_subjects, shape, voxel_mm, n_visits, seed, visit_interval_years)
+  params = _parameters(n_subjects, shape, voxel_mm, n_visits, seed, visit_interval_years,
+                       motion_mm)
   out = Path(out_dir)
   if out.exists() and (not out.is_dir() or any(out.iterdir())):
     why = _is_complete(out, params) if out.is_dir() else 'it is a file'
@@ -513,3 +559,44 @@ def summarize_cohort(root: str | os.PathLike) -> pd.DataFrame:
   summary = table.groupby('diagnosis').mean()
   summary.insert(0, 'subjects', table.groupby('diagnosis').size())
   return summary.reindex([d for d in DIAGNOSES if d in summary.index])
+
+
+SIGNAL_COLUMNS = ('hippocampus_fraction', 'lateral_ventricles_fraction', 'mmse',
+                  'hippocampus_rate')
+
+
+def baseline_signal(root: str | os.PathLike) -> pd.DataFrame:
+  """Per subject: diagnosis, stage and what a forecaster can read of it at baseline.
+
+  Columns: diagnosis, stage, hippocampus_fraction and lateral_ventricles_fraction (baseline
+  volume / intracranial volume, both from the label map), mmse (baseline) and
+  hippocampus_rate (the true annual %, signed).
+  """
+  root = Path(root)
+  truth = pd.read_csv(root / 'ground_truth.tsv', sep='\t')
+  first = truth.sort_values('years_from_first').groupby('subject').first()
+  sessions = {s: pd.read_csv(root / s / f'{s}_sessions.tsv', sep='\t').iloc[0]
+              for s in first.index}
+  return pd.DataFrame({
+      'diagnosis': [sessions[s].diagnosis for s in first.index],
+      'stage': first['stage'],
+      'hippocampus_fraction': first['hippocampus_ml'] / first['intracranial_ml'],
+      'lateral_ventricles_fraction': first['lateral_ventricles_ml'] / first['intracranial_ml'],
+      'mmse': [float(sessions[s].MMSE) for s in first.index],
+      'hippocampus_rate': first['hippocampus_annual_rate_pct']}, index=first.index)
+
+
+def signal_statistics(signal: pd.DataFrame) -> pd.DataFrame:
+  """Per diagnosis (and 'all'): subjects and Pearson r of the stage with each `SIGNAL_COLUMNS`.
+
+  `signal` is a `baseline_signal` table. A |r| near 1 means the cohort holds that much signal:
+  a forecaster reading that baseline quantity can rank subjects by their future atrophy.
+  """
+  groups = [(d, signal[signal.diagnosis == d]) for d in DIAGNOSES if (signal.diagnosis == d).any()]
+  rows = []
+  for name, group in groups + [('all', signal)]:
+    row = {'diagnosis': name, 'subjects': len(group)}
+    row.update({f'r(stage, {c})': float(group['stage'].corr(group[c])) if len(group) > 2
+                else math.nan for c in SIGNAL_COLUMNS})
+    rows.append(row)
+  return pd.DataFrame(rows).set_index('diagnosis')
