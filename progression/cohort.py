@@ -5,8 +5,11 @@ The spec (`cohorts/<name>.toml`) is parsed and validated by `progression.cohort_
 visits as the spec describes (layout, files, column mapping, visit time, age at
 the visit), builds the baseline/follow-up pairs and splits subjects.
 
-Times are in years (1 year = 12 months = 365.25 days). Error messages name the
-file, the data row (1-based, header excluded), subject, session and field.
+Times are in years (1 year = 12 months = 365.25 days). Intervals come from real exam
+dates where the spec names an exam-date column and a subject's visits all have one,
+else from the session ids (or time column); `time_source` / `interval_source` say which.
+Error messages name the file, the data row (1-based, header excluded), subject, session
+and field.
 Image existence is checked here; images are not loaded.
 """
 
@@ -21,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
+from absl import logging
 
 from progression.cohort_spec import (DAYS_PER_YEAR, TRANSFORMS, YEARS_PER_UNIT, CohortSpec,
                                      PathLike, TableSpec, TimeSpec, load_spec)
@@ -29,14 +33,17 @@ from progression.covariates import (FIELDS, Covariates, covariates_to_dict, is_m
 from progression.errors import ProgressionError
 
 SPLITS = ('train', 'val', 'test')
-VISIT_COLUMNS = ('subject', 'session', 'age_years', 'years_from_first', 'sex', 'diagnosis',
-                 'mmse', 'cdrsb', 'apoe4', 'education_years', 'image_path', 'labels_path')
+VISIT_COLUMNS = ('subject', 'session', 'age_years', 'years_from_first', 'time_source', 'sex',
+                 'diagnosis', 'mmse', 'cdrsb', 'apoe4', 'education_years', 'image_path',
+                 'labels_path')
 PAIR_COLUMNS = ('subject', 'baseline_session', 'followup_session', 'interval_years',
-                'baseline_image', 'followup_image', 'baseline_labels', 'followup_labels'
-                ) + FIELDS + ('followup_diagnosis',)
+                'interval_source', 'baseline_image', 'followup_image', 'baseline_labels',
+                'followup_labels') + FIELDS + ('followup_diagnosis',)
 _FLOAT_COLUMNS = ('age_years', 'years_from_first', 'interval_years', 'mmse', 'cdrsb', 'apoe4',
                   'education_years')
 _EPOCH = datetime.datetime(1970, 1, 1)
+# Values of time_source / interval_source: where a visit's time came from.
+TIME_SOURCES = ('exam_date', 'session_id', 'time_column')
 
 
 # ----------------------------------------------------------------------------- reading
@@ -51,6 +58,7 @@ class _Row:
   fields: dict[str, str]
   time_years: float = math.nan
   time_code: str = ''
+  exam_years: float = math.nan  # Exam date in years since 1970 (NaN: none).
 
 
 def _read_table(path: Path, delimiter: str) -> pd.DataFrame:
@@ -166,6 +174,16 @@ def _set_time(time: TimeSpec, row: _Row) -> None:
   row.time_years, row.time_code = value * YEARS_PER_UNIT[time.unit], code
 
 
+def _set_exam_date(time: TimeSpec, row: _Row) -> None:
+  """Sets row.exam_years from the spec's exam-date column (NaN when absent or empty)."""
+  if time.source == 'date':
+    row.exam_years = row.time_years
+    return
+  raw = row.source.get(time.exam_date_column) if time.exam_date_column else None
+  if not is_missing(raw):
+    row.exam_years = _date_years(raw, time.date_format, row.where, time.exam_date_column)
+
+
 def _check_duplicates(rows: Sequence[_Row]) -> None:
   by_session, by_time = {}, {}
   for row in rows:
@@ -238,7 +256,9 @@ def read_visits(spec: CohortSpec, root: PathLike) -> pd.DataFrame:
   """Reads every visit of a cohort into a table (see `VISIT_COLUMNS`).
 
   Columns: subject, session, age_years (age at the visit, years), years_from_first
-  (years since the subject's first listed visit), the covariates of
+  (years since the subject's first listed visit), time_source (`TIME_SOURCES`: 'exam_date'
+  when the spec names exam dates and every visit of the subject has one, else
+  'session_id' or 'time_column': nominal times), the covariates of
   `covariates.FIELDS` (NaN/None when missing), image_path (absolute str) and
   labels_path (str or None). Sorted by subject, then years_from_first.
 
@@ -252,6 +272,7 @@ def read_visits(spec: CohortSpec, root: PathLike) -> pd.DataFrame:
   rows = _bids_rows(spec, root) if spec.layout == 'bids' else _table_rows(spec, root)
   for row in rows:
     _set_time(spec.time, row)
+    _set_exam_date(spec.time, row)
   _check_duplicates(rows)
   reference = {r.subject: r.time_years for r in rows if r.session == spec.age.reference_session}
   records = []
@@ -259,18 +280,48 @@ def read_visits(spec: CohortSpec, root: PathLike) -> pd.DataFrame:
     image, labels = _paths(spec, root, row)
     if image is not None:
       records.append({'subject': row.subject, 'session': row.session, 'where': row.where,
-                      'time_years': row.time_years,
+                      'time_years': row.time_years, 'exam_years': row.exam_years,
                       **covariates_to_dict(_row_covariates(spec, row, reference)),
                       'image_path': image, 'labels_path': labels})
-  first = {}
-  for rec in records:
-    first[rec['subject']] = min(first.get(rec['subject'], math.inf), rec['time_years'])
-  for rec in records:
-    rec['years_from_first'] = rec.pop('time_years') - first[rec['subject']]
+  _set_years_from_first(spec.time, records)
   _check_ages_increase(records)
   visits = _frame(records, VISIT_COLUMNS)
   return visits.sort_values(['subject', 'years_from_first'], kind='stable',
                             ignore_index=True)
+
+
+def _set_years_from_first(time: TimeSpec, records: Sequence[dict[str, Any]]) -> None:
+  """Sets years_from_first and time_source per subject: from exam dates when every visit
+  of the subject has one (and the spec names them), else from the nominal visit times."""
+  nominal = 'session_id' if time.source == 'session' else 'time_column'
+  by_subject: dict[str, list[dict[str, Any]]] = {}
+  for rec in records:
+    by_subject.setdefault(rec['subject'], []).append(rec)
+  undated = []
+  for visits in by_subject.values():
+    dated = all(not math.isnan(r['exam_years']) for r in visits)
+    key, source = ('exam_years', 'exam_date') if dated else ('time_years', nominal)
+    if dated:
+      _check_distinct_dates(visits)
+    elif time.exam_date_column:
+      undated.append(next(r['where'] for r in visits if math.isnan(r['exam_years'])))
+    first = min(r[key] for r in visits)
+    for rec in visits:
+      rec['years_from_first'], rec['time_source'] = rec[key] - first, source
+      del rec['time_years'], rec['exam_years']
+  if undated:
+    logging.warning('%d subject(s) lack an exam date (column %s) on some visit, e.g. %s: their '
+                    'intervals come from the nominal session times instead', len(undated),
+                    time.exam_date_column, undated[0])
+
+
+def _check_distinct_dates(visits: Sequence[Mapping[str, Any]]) -> None:
+  seen = {}
+  for rec in visits:
+    first = seen.setdefault(round(rec['exam_years'], 9), rec)
+    if first is not rec:
+      raise ProgressionError(f"{rec['where']}: duplicate visit (same subject and exam date as "
+                             f"{first['where']}); a follow-up must come after its baseline")
 
 
 def _check_ages_increase(records: Sequence[Mapping[str, Any]]) -> None:
@@ -303,7 +354,9 @@ def _frame(records: Sequence[Mapping[str, Any]], columns: Sequence[str]) -> pd.D
 def make_pairs(visits: pd.DataFrame) -> pd.DataFrame:
   """Every (i < j) pair of a subject's visits: baseline i, follow-up j (`PAIR_COLUMNS`).
 
-  interval_years = follow-up minus baseline years_from_first (> 0). The covariate
+  interval_years = follow-up minus baseline years_from_first (> 0); interval_source is
+  their time_source (`TIME_SOURCES`: 'exam_date' when both times are real exam dates,
+  'session_id' / 'time_column' when nominal; 'mixed' if the two differ). The covariate
   columns hold the BASELINE visit's values; followup_diagnosis the follow-up's.
   """
   missing = [c for c in VISIT_COLUMNS if c not in visits.columns]
@@ -320,6 +373,9 @@ def make_pairs(visits: pd.DataFrame) -> pd.DataFrame:
                                f'(interval {interval} years)')
       records.append({'subject': subject, 'baseline_session': base['session'],
                       'followup_session': follow['session'], 'interval_years': interval,
+                      'interval_source': (base['time_source']
+                                          if base['time_source'] == follow['time_source']
+                                          else 'mixed'),
                       'baseline_image': base['image_path'], 'followup_image': follow['image_path'],
                       'baseline_labels': base['labels_path'],
                       'followup_labels': follow['labels_path'],

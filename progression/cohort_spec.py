@@ -4,7 +4,8 @@ A cohort spec (`cohorts/<name>.toml`, see `cohorts/synthetic.toml` for a comment
 example) declares the layout ("bids": participants.tsv + one sessions.tsv per
 subject; "table": one row per visit, e.g. ADNIMERGE.csv), the files, the mapping
 from our field names (subject, session and `covariates.FIELDS`) to the source's
-column names, how a visit's time is read (session code, numeric column or date),
+column names, how a visit's time is read (session code, numeric column or date; optionally real
+exam dates that override nominal session times),
 how age at the visit is obtained, and optional value maps and transforms applied
 to raw covariate values. Code never hard-codes a cohort's paths.
 
@@ -46,12 +47,19 @@ class TableSpec:
 @dataclasses.dataclass(frozen=True)
 class TimeSpec:
   """Visit time: from the session id ('session'), a numeric 'column' (both through an
-  optional regex `pattern` with one group, in `unit`), or a 'date' column."""
+  optional regex `pattern` with one group, in `unit`), or a 'date' column.
+
+  `exam_date_column` (with 'session' or 'column'; `date_format`): a column of real exam
+  dates. A subject whose visits all have one gets intervals from the dates (days /
+  365.25) instead of the nominal session times (e.g. Clinica's ses-M012 = 12 months);
+  with source 'date', `column` is the exam date itself.
+  """
   source: str
   unit: str = 'days'
   pattern: str | None = None
   column: str | None = None
   date_format: str = '%Y-%m-%d'
+  exam_date_column: str | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -152,16 +160,21 @@ def _check_pattern(pattern: str, where: str) -> str:
 
 
 def _parse_time(data: Mapping[str, Any], where: str) -> TimeSpec:
-  _check_keys(data, ('source', 'unit', 'pattern', 'column', 'date_format'), where)
+  _check_keys(data, ('source', 'unit', 'pattern', 'column', 'date_format', 'exam_date_column'),
+              where)
   time = TimeSpec(source=_choice(_get(data, 'source', where, str), ('session', 'column', 'date'),
                                  where, 'source'),
                   unit=_choice(_get(data, 'unit', where, str, 'days'), YEARS_PER_UNIT, where,
                                'unit'),
                   pattern=_get(data, 'pattern', where, str, None),
                   column=_get(data, 'column', where, str, None),
-                  date_format=_get(data, 'date_format', where, str, '%Y-%m-%d'))
+                  date_format=_get(data, 'date_format', where, str, '%Y-%m-%d'),
+                  exam_date_column=_get(data, 'exam_date_column', where, str, None))
   if time.source != 'session' and time.column is None:
     raise ProgressionError(f'{where}: source = {time.source!r} needs a column')
+  if time.source == 'date' and time.exam_date_column is not None:
+    raise ProgressionError(f'{where}: exam_date_column is for source = "session" or "column"; '
+                           'with source = "date", column is the exam date')
   if time.pattern is not None:
     try:
       groups = re.compile(time.pattern).groups

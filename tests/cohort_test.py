@@ -72,6 +72,7 @@ def test_synthetic_visits_and_pairs(tmp_path):
   assert list(pairs.columns) == list(cohort.PAIR_COLUMNS)
   assert len(pairs) == 3 + 1 + 1                                     # C(3,2) + 1 + 1 + 0
   np.testing.assert_allclose(pairs.interval_years, [1, 2, 1, 0.5, 1])
+  assert set(visits.time_source) == {'session_id'} and set(pairs.interval_source) == {'session_id'}
   assert pairs.baseline_session.tolist()[:3] == ['ses-M000', 'ses-M000', 'ses-M012']
   assert pairs.followup_session.tolist()[:3] == ['ses-M012', 'ses-M024', 'ses-M024']
   row = pairs.iloc[1]                                  # sub-001 M000 -> M024
@@ -189,6 +190,62 @@ def test_clinica_optional_columns_and_labels(tmp_path):
   assert cohort.read_visits(spec, tmp_path).labels_path.isna().all()
 
 
+def clinica_spec_without_exam_dates(tmp_path: Path) -> Path:
+  path = tmp_path / 'clinica_no_dates.toml'
+  text = Path(cohort.load_spec('clinica_bids').path).read_text()
+  assert 'exam_date_column = "examination_date"' in text  # on in the shipped spec
+  path.write_text(text.replace('exam_date_column', '# exam_date_column'))
+  return path
+
+
+def test_clinica_exam_dates_override_nominal_session_months(tmp_path, caplog):
+  root = tmp_path / 'bids'
+  sessions = {'sub-01': [['ses-M000', '2012-05-02'], ['ses-M012', '2013-06-17'],
+                         ['ses-M024', '2014-05-20']],
+              'sub-02': [['ses-M000', '2015-01-01'], ['ses-M006', '']]}  # a date is missing
+  write_table(root / 'participants.tsv', ['participant_id'], [[s] for s in sessions])
+  for subject, rows in sessions.items():
+    write_table(root / subject / f'{subject}_sessions.tsv', ['session_id', 'examination_date'],
+                rows)
+    for session, _ in rows:
+      touch(root / subject / session / 'anat' / f'{subject}_{session}_T1w.nii.gz')
+  spec = cohort.load_spec('clinica_bids')
+  assert spec.time.exam_date_column == 'examination_date'
+  with caplog.at_level('WARNING'):
+    visits = cohort.read_visits(spec, root)
+  pairs = cohort.make_pairs(visits)
+  first = pd.Timestamp('2012-05-02')
+  days = [(pd.Timestamp(d) - first).days for d in ('2013-06-17', '2014-05-20')]
+  np.testing.assert_allclose(pairs.interval_years[:3], [days[0] / DAYS, days[1] / DAYS,
+                                                        (days[1] - days[0]) / DAYS])
+  assert pairs.interval_source.tolist() == ['exam_date'] * 3 + ['session_id']
+  assert pairs.interval_years[3] == 0.5                                # sub-02: nominal months
+  assert visits.time_source.tolist() == ['exam_date'] * 3 + ['session_id'] * 2
+  assert any('1 subject(s) lack an exam date (column examination_date)' in r.getMessage()
+             and 'sub-02_sessions.tsv row 2' in r.getMessage() for r in caplog.records)
+  # Without exam_date_column the same tree is read from the session ids alone.
+  spec = cohort.load_spec(clinica_spec_without_exam_dates(tmp_path))
+  nominal = cohort.make_pairs(cohort.read_visits(spec, root))
+  np.testing.assert_allclose(nominal.interval_years, [1, 2, 1, 0.5])
+  assert set(nominal.interval_source) == {'session_id'}
+
+
+@pytest.mark.parametrize('date,match', [
+    ('2013/06/17', "row 2 subject sub-01 session ses-M012: column examination_date has bad "
+                   "date '2013/06/17' \\(expected format %Y-%m-%d\\)"),
+    ('2012-05-02', 'row 2 subject sub-01 session ses-M012: duplicate visit \\(same subject and '
+                   'exam date as .*row 1 subject sub-01 session ses-M000\\)')])
+def test_clinica_bad_exam_date_names_row_and_field(tmp_path, date, match):
+  root = tmp_path / 'bids'
+  write_table(root / 'participants.tsv', ['participant_id'], [['sub-01']])
+  write_table(root / 'sub-01' / 'sub-01_sessions.tsv', ['session_id', 'examination_date'],
+              [['ses-M000', '2012-05-02'], ['ses-M012', date]])
+  for session in ('ses-M000', 'ses-M012'):
+    touch(root / 'sub-01' / session / 'anat' / f'sub-01_{session}_T1w.nii.gz')
+  with pytest.raises(ProgressionError, match=match):
+    cohort.read_visits(cohort.load_spec('clinica_bids'), root)
+
+
 def test_clinica_missing_required_id_column(tmp_path):
   write_table(tmp_path / 'participants.tsv', ['subject', 'sex'], [['sub-01', 'M']])
   with pytest.raises(ProgressionError, match=r"participants.tsv: column 'participant_id'.*"
@@ -231,7 +288,25 @@ def test_adnimerge_age_at_visit_and_intervals(tmp_path):
   assert len(pairs) == 3 + 1
   np.testing.assert_allclose(pairs.interval_years,
                              [182 / DAYS, 365 / DAYS, 183 / DAYS, 730 / DAYS])
+  assert set(pairs.interval_source) == {'exam_date'}
   assert pairs.followup_diagnosis.tolist() == ['MCI', 'AD', 'AD', 'MCI']
+
+
+def test_adnimerge_intervals_follow_exam_dates_not_viscode_months(tmp_path):
+  # The m12 visit took place 13.5 months after bl, m24 ~22 months after: the intervals are the
+  # days between the EXAMDATEs / 365.25, not the nominal 1 and 2 years of the VISCODEs.
+  rows = [[5, '022_S_0005', 'bl', '2010-01-15', 72.0, 'Female', 14, 1, 'MCI', 27, 1.0],
+          [5, '022_S_0005', 'm12', '2011-03-02', 72.0, 'Female', 14, 1, 'MCI', 26, 1.5],
+          [5, '022_S_0005', 'm24', '2011-11-15', 72.0, 'Female', 14, 1, 'AD', 24, 3.0]]
+  visits, pairs = cohort.load_cohort('adnimerge', make_adni(tmp_path, rows=rows))
+  days_m12 = (pd.Timestamp('2011-03-02') - pd.Timestamp('2010-01-15')).days   # 411
+  days_m24 = (pd.Timestamp('2011-11-15') - pd.Timestamp('2010-01-15')).days   # 669
+  np.testing.assert_allclose(pairs.interval_years, [days_m12 / DAYS, days_m24 / DAYS,
+                                                    (days_m24 - days_m12) / DAYS], rtol=1e-12)
+  assert abs(pairs.interval_years[0] - 13.5 / 12) < 1e-3
+  assert pairs.interval_source.tolist() == ['exam_date'] * 3
+  assert visits.time_source.tolist() == ['exam_date'] * 3
+  np.testing.assert_allclose(visits.age_years, 72.0 + np.array([0, days_m12, days_m24]) / DAYS)
 
 
 def test_adnimerge_examdate_bl_column_and_skipped_images(tmp_path):
@@ -305,6 +380,7 @@ def test_oasis3_days_ages_genotype_and_sex_codes(tmp_path):
   assert visits.image_path[1].endswith(
       'sub-OAS30001/ses-d0500/anat/sub-OAS30001_ses-d0500_T1w.nii.gz')
   np.testing.assert_allclose(pairs.interval_years, [371 / DAYS, 1096 / DAYS])
+  assert pairs.interval_source.tolist() == ['session_id'] * 2  # d-numbers in the session ids
 
 
 def test_oasis3_bad_genotype(tmp_path):
@@ -319,7 +395,8 @@ def test_oasis3_bad_genotype(tmp_path):
 def visits_frame(years):
   n = len(years)
   return pd.DataFrame({'subject': ['s1'] * n, 'session': [f'v{i}' for i in range(n)],
-                       'age_years': 70.0, 'years_from_first': years, 'sex': 'F',
+                       'age_years': 70.0, 'years_from_first': years,
+                       'time_source': 'session_id', 'sex': 'F',
                        'diagnosis': 'CN', 'mmse': 29.0, 'cdrsb': 0.0, 'apoe4': 0.0,
                        'education_years': 12.0, 'image_path': 'x', 'labels_path': None})
 
@@ -369,6 +446,9 @@ def test_spec_errors(tmp_path):
            (text.replace('mmse = "MMSE"', 'mmse_score = "MMSE"'), "field = 'mmse_score'"),
            (text.replace("'^ses-M(\\d+)$'", "'^ses-M\\d+$'"), 'exactly one group'),
            ('name = "x\n', 'invalid TOML')]
+  adni = Path(cohort.load_spec('adnimerge').path).read_text()
+  cases.append((adni.replace('column = "EXAMDATE"', 'column = "EXAMDATE"\nexam_date_column = "X"'),
+                'exam_date_column is for source'))
   for i, (bad, match) in enumerate(cases):
     path = tmp_path / f'bad{i}.toml'
     path.write_text(bad)
