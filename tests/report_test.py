@@ -9,10 +9,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from progression import cohort, io
+from progression import cohort, io, preprocess
 from progression import labels as L
 from progression.errors import ProgressionError
-from progression.evaluation import baselines, report
+from progression.evaluation import baselines, comparisons, figures, report
 
 
 @pytest.fixture(scope='module')
@@ -34,6 +34,20 @@ class Oracle:
                                 volume_method='labels')
 
 
+class Halfway:
+  """'model': the baseline image and volumes halfway to the real follow-up's (|error| is
+  half no_change's on every pair x region)."""
+  name = 'model'
+
+  def predict(self, pair_row, baseline, baseline_labels):
+    before = baselines.measure_volumes_ml(None, baseline_labels, 'labels')
+    after = baselines.measure_volumes_ml(None, io.load_labels(pair_row['followup_labels']),
+                                         'labels')
+    return baselines.Prediction(image=baseline.data,
+                                volumes_ml={r: (before[r] + after[r]) / 2 for r in before},
+                                volume_method='labels')
+
+
 class WrongGrid:
   name = 'wrong_grid'
 
@@ -51,17 +65,18 @@ def _dseg_ml(path, region):
 
 @pytest.fixture(scope='module')
 def evaluation(pairs):
-  return report.evaluate_pairs(pairs, [Oracle(), baselines.NoChangeBaseline('labels')])
+  return report.evaluate_pairs(pairs, [Oracle(), Halfway(),
+                                       baselines.NoChangeBaseline('labels')])
 
 
 def test_one_row_per_pair_region_method(pairs, evaluation):
   rows = evaluation.rows
-  assert len(rows) == len(pairs) * len(L.REGIONS) * 2
+  assert len(rows) == len(pairs) * len(L.REGIONS) * 3
   assert list(rows.columns) == list(report.ROW_COLUMNS)
   assert rows.groupby(['method', 'region']).size().eq(len(pairs)).all()
   assert evaluation.volume_method == 'labels'
   assert len(evaluation.examples) == 2 and set(evaluation.examples[0].predicted) == {
-      'oracle', 'no_change'}
+      'oracle', 'model', 'no_change'}
 
 
 def test_no_change_error_in_volume_change_is_the_true_change_from_dseg_files(pairs, evaluation):
@@ -107,7 +122,7 @@ def test_summary_ci_contains_the_mean_and_groups_are_complete(pairs, evaluation)
   assert (summary['mean'] <= summary.ci95_high + 1e-12).all()
   assert set(summary.grouping) == {'all', 'diagnosis', 'interval'}
   overall = summary[(summary.grouping == 'all') & (summary.metric == 'abs_error_ml')]
-  assert len(overall) == 2 * len(L.REGIONS) and (overall.n == len(pairs)).all()
+  assert len(overall) == 3 * len(L.REGIONS) and (overall.n == len(pairs)).all()
   # PSNR of identical images is inf: left out of the oracle's summary.
   image = summary[(summary.region == 'image') & (summary.grouping == 'all')]
   assert 'psnr_brain' not in set(image[image.method == 'oracle'].metric)
@@ -151,8 +166,30 @@ def test_report_files_and_self_contained_html(evaluation, tmp_path):
   np.testing.assert_allclose(pairs_csv.error_ml, evaluation.rows.error_ml, atol=1e-6)
   assert len(pd.read_csv(out / 'summary.csv')) == len(summary)
   markdown = (out / 'report.md').read_text()
-  assert '| method | hippocampus MAE (mL) | hippocampus rate error (%/y) |' in markdown
-  assert '| oracle | 0 [0, 0] | 0 [0, 0] |' in markdown
+  assert ('| method | hippocampus MAE (mL) | hippocampus rate error (%/y) | '
+          'hippocampus MAE / no_change | lateral_ventricles MAE (mL) |') in markdown
+  # The fake 'oracle' is a reference: marked, and listed after the competitors.
+  assert '| oracle (reference) | 0 [0, 0] | 0 [0, 0] | 0 |' in markdown
+  assert markdown.index('| model |') < markdown.index('| no_change |') < markdown.index(
+      '| oracle (reference) |')
+  assert '| model |' in markdown and '| no_change |' in markdown  # What the CLIs check.
+  for text in (markdown, html):
+    assert figures.REFERENCE_NOTE.replace("'", '&#x27;' if text is html else "'") in text
+    assert 'Who wins' in text
+  # comparisons.csv: the model against every other method, subject-level.
+  paired = comparisons.paired_comparisons(evaluation.rows)
+  written = pd.read_csv(out / 'comparisons.csv')
+  assert list(written.columns) == list(comparisons.COMPARISON_COLUMNS)
+  assert len(written) == len(paired) == 2 * len(L.REGIONS) * 2  # metrics x regions x others
+  np.testing.assert_allclose(written.mean_diff, paired.mean_diff, rtol=1e-6, atol=1e-9)
+  assert list(written.verdict) == list(paired.verdict)
+  assert set(written.versus) == {'no_change', 'oracle'}
+  assert (written.is_reference == (written.versus == 'oracle')).all()
+  # Who wins: one row per headline region against no_change (the reference is not a rival).
+  who = comparisons.who_wins_table(paired, report.HEADLINE_REGIONS['labels'])
+  assert list(who['model vs']) == ['no_change'] * 3
+  for row in who.itertuples(index=False):
+    assert '| ' + ' | '.join(map(str, row)) + ' |' in markdown
   # A second run refuses the now non-empty folder unless asked to overwrite.
   with pytest.raises(ProgressionError, match='not empty.*overwrite'):
     report.write_report(out, evaluation, summary, {})
@@ -211,3 +248,73 @@ def test_tissue_volumes_when_asked(pairs):
   assert done == [(1, 1)]
   headline = report.headline_table(report.summarize(result.rows), 'tissue')
   assert list(headline.columns)[1] == 'brain MAE (mL)'
+
+
+def test_who_wins_known_answer_model_halves_the_no_change_error(pairs, evaluation):
+  paired = comparisons.paired_comparisons(evaluation.rows)
+  rows = evaluation.rows[evaluation.rows.method == 'no_change']
+  for region in ('whole_brain', 'hippocampus', 'lateral_ventricles'):
+    # Halfway's |error| is half no_change's (= |true change|) on every pair.
+    per_subject = rows[rows.region == region].groupby('subject').abs_error_ml.mean()
+    row = paired[(paired.metric == 'abs_error_ml') & (paired.region == region)
+                 & (paired.versus == 'no_change')].iloc[0]
+    assert row.n_subjects == 2 and row.n_pairs == len(pairs)
+    assert row.mean_diff == pytest.approx(-0.5 * per_subject.mean(), rel=1e-9, abs=1e-12)
+    assert row.versus_mae == pytest.approx(per_subject.mean(), rel=1e-9)
+    if (per_subject > 0).all():  # Every subject gains: the CI lies below 0.
+      assert row.mae_ratio == pytest.approx(0.5) and row.verdict == 'better'
+  brain = paired[(paired.region == 'whole_brain') & (paired.versus == 'no_change')]
+  assert (brain.verdict == 'better').all()  # Volume and rate error: the brain always shrinks.
+  oracle = paired[(paired.metric == 'abs_error_ml') & (paired.versus == 'oracle')
+                  & (paired.region == 'whole_brain')].iloc[0]
+  assert oracle.is_reference and oracle.verdict == 'worse' and oracle.mae_ratio == np.inf
+
+
+def test_headline_ratios_and_reference_rows():
+  methods = ('oracle', 'model', 'expected', 'population_rate', 'no_change')
+  mae = {'oracle': 0.1, 'model': 0.3, 'expected': 0.2, 'population_rate': 0.4,
+         'no_change': 0.6}
+  records = [{'grouping': 'all', 'group': 'all', 'method': m, 'region': region,
+              'metric': metric, 'n': 4, 'mean': mae[m] * scale, 'median': 0.0,
+              'ci95_low': 0.0, 'ci95_high': 1.0}
+             for m in methods for region, scale in (('hippocampus', 1.0), ('whole_brain', 10.0))
+             for metric in ('abs_error_ml', 'abs_rate_error_pct_per_year')]
+  table = report.headline_table(pd.DataFrame(records), 'labels')
+  assert list(table.method) == ['model', 'population_rate', 'no_change', 'oracle (reference)',
+                                'expected (reference)']
+  assert list(table.columns[:5]) == [
+      'method', 'hippocampus MAE (mL)', 'hippocampus rate error (%/y)',
+      'hippocampus MAE / population_rate', 'hippocampus MAE / no_change']
+  order = ['model', 'population_rate', 'no_change', 'oracle', 'expected']
+  for region in ('hippocampus', 'whole_brain'):
+    for baseline in ('population_rate', 'no_change'):
+      want = [f'{mae[m] / mae[baseline]:.3g}' for m in order]
+      assert list(table[f'{region} MAE / {baseline}']) == want
+  assert list(table['lateral_ventricles MAE / no_change']) == ['n/a'] * 5  # Not in summary.
+  assert table['hippocampus MAE / population_rate'][0] == '0.75'
+  # Without the model (or the baseline) there is no ratio column.
+  without = report.headline_table(pd.DataFrame(records).query('method != "model"'), 'labels')
+  assert not [c for c in without.columns if ' MAE / ' in c]
+  no_rate = report.headline_table(pd.DataFrame(records).query('method != "population_rate"'),
+                                  'labels')
+  assert [c for c in no_rate.columns if ' MAE / ' in c] == [
+      f'{r} MAE / no_change' for r in report.HEADLINE_REGIONS['labels']]
+
+
+def test_brain_mask_excludes_background_and_extracerebral_csf(pairs, evaluation):
+  ids = np.array([0, L.CSF, L.LEFT_LATERAL_VENTRICLE, L.LEFT_HIPPOCAMPUS, L.BRAINSTEM,
+                  L.LEFT_CORTEX])
+  np.testing.assert_array_equal(report.brain_mask_of_labels(ids),
+                                [False, False, True, True, True, True])
+  rows = evaluation.rows[(evaluation.rows.method == 'no_change')].drop_duplicates(
+      list(report.PAIR_KEY))
+  for pair, row in zip(pairs.itertuples(), rows.itertuples()):
+    assert (pair.subject, pair.followup_session) == (row.subject, row.followup_session)
+    labels = io.load_labels(pair.followup_labels).data
+    assert (labels == L.CSF).any()  # The test means something: CSF is there to leave out.
+    squared = (preprocess.normalize_intensity(io.load_image(pair.baseline_image).data)
+               - preprocess.normalize_intensity(io.load_image(pair.followup_image).data)
+               ) ** 2.0
+    brain = (labels != 0) & (labels != L.CSF)
+    assert row.mse_brain == pytest.approx(squared[brain].mean(), rel=1e-5)
+    assert row.mse_brain != pytest.approx(squared[labels > 0].mean(), rel=1e-3)

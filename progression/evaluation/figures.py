@@ -22,6 +22,17 @@ _CSS = ('body{font-family:sans-serif;margin:2em;max-width:1400px}'
         'table{border-collapse:collapse;margin:1em 0;font-size:13px}'
         'th,td{border:1px solid #ccc;padding:3px 8px;text-align:right}'
         'th{background:#f2f2f2}img{max-width:100%}h2{margin-top:1.6em}')
+REFERENCE_NOTE = ('oracle applies each subject\'s true rates; expected applies the rate '
+                  'expected from what is observable at baseline (the best any forecaster can '
+                  'do); they are references, not competitors.')
+WHO_WINS_NOTE = (
+    'The model against each competitor, subject by subject: the difference of absolute errors '
+    '(model minus competitor) is averaged over each subject\'s pairs, then over subjects (each '
+    'subject weighs the same, also in the MAE ratio); the 95 % CI resamples subjects with '
+    'replacement (paired bootstrap). better: the whole CI is below 0 (the model\'s errors are '
+    'smaller); worse: the whole CI is above 0; tie: the CI contains 0. All comparisons, '
+    'references included: comparisons.csv.')
+NO_MODEL_NOTE = 'No method named model was evaluated: nothing to compare.'
 
 
 def png_base64(fig: Figure, dpi: int = 90) -> str:
@@ -128,14 +139,27 @@ def summary_pivot(summary: pd.DataFrame, grouping: str,
 def render_html(rows: pd.DataFrame, examples: Sequence[Any], methods: Sequence[str],
                 summary: pd.DataFrame, headline: pd.DataFrame, context: Mapping[str, Any],
                 headline_regions: Sequence[str],
-                tables: Mapping[str, pd.DataFrame] | None = None) -> str:
-  """The self-contained report page (tables + embedded PNG figures) as an HTML string."""
+                tables: Mapping[str, pd.DataFrame] | None = None,
+                who_wins: pd.DataFrame | None = None,
+                references: Sequence[str] = ()) -> str:
+  """The self-contained report page (tables + embedded PNG figures) as an HTML string.
+
+  `headline` is `report.headline_table`; `who_wins` (optional) is
+  `comparisons.who_wins_table`, shown after it; `references`: the reference methods
+  evaluated (`comparisons.REFERENCE_METHODS`), which add `REFERENCE_NOTE`.
+  """
   parts = ['<h1>Forecast evaluation</h1>', _context_table(context),
            '<h2>Model vs baselines</h2>',
            '<p>Mean absolute error of the follow-up volume (mL) and of the annualised change '
-           '(compound percent/year) over all pairs, with 95 % bootstrap CIs.</p>',
-           _table(headline),
-           '<h2>Predicted vs true volume change</h2>', _img(change_scatter(rows, methods)),
+           '(compound percent/year) over all pairs, with 95 % bootstrap CIs (pairs resampled);'
+           ' "MAE / baseline": each method\'s MAE as a fraction of that baseline\'s.</p>',
+           _table(headline)]
+  if references:
+    parts.append(f'<p>{html.escape(REFERENCE_NOTE)}</p>')
+  if who_wins is not None:
+    parts += ['<h2>Who wins</h2>', f'<p>{html.escape(WHO_WINS_NOTE)}</p>',
+              _table(who_wins) if len(who_wins) else f'<p>{html.escape(NO_MODEL_NOTE)}</p>']
+  parts += ['<h2>Predicted vs true volume change</h2>', _img(change_scatter(rows, methods)),
            '<h2>Error by interval</h2>',
            _img(error_by_interval(rows, methods, headline_regions)),
            '<h2>Examples (coronal slices)</h2>']
@@ -155,7 +179,7 @@ def render_html(rows: pd.DataFrame, examples: Sequence[Any], methods: Sequence[s
 
 def markdown_table(table: pd.DataFrame) -> str:
   """A GitHub-flavoured markdown pipe table of a small DataFrame."""
-  lines = ['| ' + ' | '.join(map(str, table.columns)) + ' |',
+  lines = ['| ' + ' | '.join(str(c).replace('|', '/') for c in table.columns) + ' |',
            '|' + '|'.join('---' for _ in table.columns) + '|']
   lines += ['| ' + ' | '.join(str(v).replace('|', '/') for v in row) + ' |'
             for row in table.itertuples(index=False)]
@@ -163,17 +187,26 @@ def markdown_table(table: pd.DataFrame) -> str:
 
 
 def render_markdown(headline: pd.DataFrame, context: Mapping[str, Any],
-                    volume_method: str) -> str:
-  """report.md: the context and the headline table (`report.headline_table`)."""
+                    volume_method: str, who_wins: pd.DataFrame | None = None,
+                    references: Sequence[str] = ()) -> str:
+  """report.md: the context, the headline table (`report.headline_table`) and, when given,
+  the "Who wins" table (`comparisons.who_wins_table`); `references` as in `render_html`."""
   items = '\n'.join(f'- {k}: {v}' for k, v in context.items())
-  return (f'# Forecast evaluation\n\n{items}\n\n'
-          '## Model vs baselines\n\n'
-          'Mean absolute error of the follow-up volume (mL) and of the annualised volume '
-          'change (compound percent/year), over all pairs, with 95 % bootstrap confidence '
-          f'intervals; volumes from {volume_method}.\n\n'
-          f'{markdown_table(headline)}\n\n'
-          'Per pair x region x method: pairs.csv; grouped by diagnosis and interval: '
-          'summary.csv; figures: report.html.\n')
+  parts = [f'# Forecast evaluation\n\n{items}\n\n'
+           '## Model vs baselines\n\n'
+           'Mean absolute error of the follow-up volume (mL) and of the annualised volume '
+           'change (compound percent/year), over all pairs, with 95 % bootstrap confidence '
+           f'intervals (pairs resampled); volumes from {volume_method}. "MAE / baseline": '
+           "each method's MAE as a fraction of that baseline's.\n\n"
+           f'{markdown_table(headline)}\n\n']
+  if references:
+    parts.append(f'{REFERENCE_NOTE}\n\n')
+  if who_wins is not None:
+    table = markdown_table(who_wins) if len(who_wins) else NO_MODEL_NOTE
+    parts.append(f'## Who wins\n\n{WHO_WINS_NOTE}\n\n{table}\n\n')
+  parts.append('Per pair x region x method: pairs.csv; grouped by diagnosis and interval: '
+               'summary.csv; model vs every method: comparisons.csv; figures: report.html.\n')
+  return ''.join(parts)
 
 
 def _img(fig: Figure) -> str:

@@ -18,11 +18,14 @@ the real follow-up and returns one row per pair x region x method (`ROW_COLUMNS`
 - image metrics of the pair x method, repeated on each of its region rows (so `pairs.csv` has
   exactly pairs x regions x methods rows): MSE / PSNR (dB) / SSIM with data_range 1 on
   intensities normalised by `preprocess.normalize_intensity` (each image by its own
-  percentiles), inside the brain mask (`*_brain`: follow-up labels > 0, or
-  `tissue.brain_mask` of the follow-up without labels) and over the whole volume (`*_volume`).
+  percentiles), inside the brain mask (`*_brain`: `brain_mask_of_labels` of the follow-up
+  labels, i.e. every label but background and extracerebral CSF, or `tissue.brain_mask` of
+  the follow-up without labels) and over the whole volume (`*_volume`).
 
-`summarize` reduces the rows to means, medians and bootstrap CIs; `write_report` writes
-`pairs.csv`, `summary.csv`, `report.html` (figures from `figures`) and `report.md`.
+`summarize` reduces the rows to means, medians and pair-level bootstrap CIs;
+`comparisons.paired_comparisons` compares the model with every other method per subject;
+`headline_table` is the methods x key-regions table; `write_report` writes `pairs.csv`,
+`summary.csv`, `comparisons.csv`, `report.html` (figures from `figures`) and `report.md`.
 """
 
 import dataclasses
@@ -38,13 +41,15 @@ import numpy as np
 import pandas as pd
 
 from progression import io, preprocess
+from progression import labels as L
 from progression.errors import ProgressionError
-from progression.evaluation import baselines, figures, image_metrics, tissue, volumes
+from progression.evaluation import (baselines, comparisons, figures, image_metrics, tissue,
+                                    volumes)
 from progression.evaluation.baselines import Method, optional_text
+from progression.evaluation.comparisons import PAIR_KEY, bootstrap_ci  # Also report.*.
 
 IMAGE_METRICS = ('mse_brain', 'psnr_brain', 'ssim_brain', 'mse_volume', 'psnr_volume',
                  'ssim_volume')
-PAIR_KEY = ('subject', 'baseline_session', 'followup_session')
 ROW_COLUMNS = PAIR_KEY + (
     'interval_years', 'interval_bin', 'diagnosis', 'followup_diagnosis', 'age_years',
     'method', 'region', 'volume_method', 'baseline_ml', 'true_ml', 'predicted_ml',
@@ -64,7 +69,11 @@ SUMMARY_COLUMNS = ('grouping', 'group', 'method', 'region', 'metric', 'n', 'mean
 IMAGE_REGION = 'image'  # `region` of the image-metric rows of the summary.
 HEADLINE_REGIONS = {'labels': ('hippocampus', 'lateral_ventricles', 'whole_brain'),
                     'tissue': ('brain', 'gray_matter', 'csf')}
-REPORT_FILES = ('pairs.csv', 'summary.csv', 'report.html', 'report.md')
+# Written all or nothing by `write_report`; report.md, the completion marker, last.
+REPORT_FILES = ('pairs.csv', 'summary.csv', 'comparisons.csv', 'report.html', 'report.md')
+REFERENCE_SUFFIX = ' (reference)'  # Marks `comparisons.REFERENCE_METHODS` in the headline.
+# Headline columns: each method's MAE as a fraction of these baselines' (when present).
+RATIO_BASELINES = ('population_rate', 'no_change')
 _AFFINE_TOLERANCE_MM = 1e-3
 _SSIM_MIN_SHAPE = 11  # Window of ssim_3d (sigma 1.5); smaller volumes use the uncropped map.
 
@@ -202,7 +211,7 @@ def _evaluate_pair(row: Mapping[str, Any], methods: Sequence[Method], volume_met
   name = pair_name(row)
   baseline_ml = baselines.measure_volumes_ml(v['baseline'], v['baseline_labels'], volume_method)
   true_ml = baselines.measure_volumes_ml(v['followup'], v['followup_labels'], volume_method)
-  mask = (v['followup_labels'].data > 0 if v['followup_labels'] is not None
+  mask = (brain_mask_of_labels(v['followup_labels'].data) if v['followup_labels'] is not None
           else tissue.brain_mask(v['followup'].data))
   real = preprocess.normalize_intensity(v['followup'].data)
   records, predicted_slices = [], {}
@@ -223,6 +232,17 @@ def _evaluate_pair(row: Mapping[str, Any], methods: Sequence[Method], volume_met
                             baseline=baseline[:, index, :], real=real[:, index, :],
                             predicted=predicted_slices)
   return records, example
+
+
+def brain_mask_of_labels(label_ids: np.ndarray) -> np.ndarray:
+  """The brain mask of a label map: every label but background (0) and extracerebral CSF.
+
+  Ventricles stay in (they are inside the brain and change with atrophy); the CSF label
+  (`labels.CSF`, 24) around the brain is left out, so image metrics are not those of the
+  intracranial volume. Returns a boolean array of `label_ids`' shape.
+  """
+  label_ids = np.asarray(label_ids)
+  return (label_ids != L.BACKGROUND) & (label_ids != L.CSF)
 
 
 def _check_prediction(prediction: baselines.Prediction, method: str, name: str,
@@ -294,19 +314,6 @@ def _text(value: Any) -> str:
 
 # ----------------------------------------------------------------------------- summary
 
-def bootstrap_ci(values: np.ndarray, num_bootstrap: int = 1000, seed: int = 0,
-                 level: float = 0.95) -> tuple[float, float]:
-  """Percentile bootstrap confidence interval of the mean (seeded, so reproducible)."""
-  values = np.asarray(values, dtype=np.float64)
-  if values.size == 1:
-    return float(values[0]), float(values[0])
-  rng = np.random.default_rng(seed)
-  means = values[rng.integers(0, values.size, (num_bootstrap, values.size))].mean(axis=1)
-  tail = 100.0 * (1.0 - level) / 2.0
-  low, high = np.percentile(means, [tail, 100.0 - tail])
-  return float(low), float(high)
-
-
 def summarize(rows: pd.DataFrame, num_bootstrap: int = 1000, seed: int = 0) -> pd.DataFrame:
   """Mean, median and 95 % bootstrap CI of each metric (`SUMMARY_COLUMNS`).
 
@@ -347,17 +354,38 @@ def headline_table(summary: pd.DataFrame, volume_method: str) -> pd.DataFrame:
   """Methods x (MAE in mL, mean |annualised-rate error| in percent/year) of key regions.
 
   Cells read 'mean [95 % CI low, high]' over all pairs; regions are hippocampus, lateral
-  ventricles and whole brain (tissue classes without label maps).
+  ventricles and whole brain (tissue classes without label maps). When 'model' is in the
+  summary, each region also gets '<region> MAE / <baseline>' for the `RATIO_BASELINES`
+  present: every method's MAE divided by that baseline's (so the model's row reads its MAE
+  as a fraction of the baseline's; below 1 is better). Competitors come first in order of
+  appearance, then `comparisons.REFERENCE_METHODS`, shown as e.g. 'oracle (reference)'.
   """
   overall = summary[summary['grouping'] == 'all']
-  table = {'method': list(pd.unique(overall['method']))}
+  present = list(pd.unique(overall['method']))
+  methods = ([m for m in present if m not in comparisons.REFERENCE_METHODS]
+             + [m for m in present if m in comparisons.REFERENCE_METHODS])
+  ratio_to = ([b for b in RATIO_BASELINES if b in present] if 'model' in present else [])
+  table = {'method': [m + REFERENCE_SUFFIX if m in comparisons.REFERENCE_METHODS else m
+                      for m in methods]}
   for region in HEADLINE_REGIONS[volume_method]:
+    in_region = overall[overall['region'] == region]
     for metric, label in (('abs_error_ml', 'MAE (mL)'),
                           ('abs_rate_error_pct_per_year', 'rate error (%/y)')):
-      cells = overall[(overall['region'] == region) & (overall['metric'] == metric)]
+      cells = in_region[in_region['metric'] == metric]
       by_method = {m: _cell(row) for m, row in zip(cells['method'], cells.to_dict('records'))}
-      table[f'{region} {label}'] = [by_method.get(m, 'n/a') for m in table['method']]
+      table[f'{region} {label}'] = [by_method.get(m, 'n/a') for m in methods]
+    errors = in_region[in_region['metric'] == 'abs_error_ml']
+    mae = dict(zip(errors['method'], errors['mean']))
+    for baseline in ratio_to:
+      table[f'{region} MAE / {baseline}'] = [_ratio_cell(mae.get(m), mae.get(baseline))
+                                             for m in methods]
   return pd.DataFrame(table)
+
+
+def _ratio_cell(numerator: float | None, denominator: float | None) -> str:
+  if numerator is None or denominator is None or not denominator > 0:
+    return 'n/a'
+  return f'{numerator / denominator:.3g}'
 
 
 def _cell(row: Mapping[str, Any]) -> str:
@@ -381,7 +409,11 @@ def write_report(out_dir: str | Path, evaluation: Evaluation, summary: pd.DataFr
                  context: Mapping[str, Any], overwrite: bool = False,
                  extra_json: Mapping[str, Any] | None = None,
                  extra_tables: Mapping[str, pd.DataFrame] | None = None) -> dict[str, Path]:
-  """Writes pairs.csv, summary.csv, report.html and report.md (+ `extra_json` files).
+  """Writes `REPORT_FILES` (+ `extra_json` files).
+
+  comparisons.csv is `comparisons.paired_comparisons(evaluation.rows)` (the model against
+  every other method, subject-level paired bootstrap; empty without a 'model' method); the
+  HTML and markdown reports show its "Who wins" table for the headline regions.
 
   Each file is rendered in memory, then the set is written all or nothing by
   `io.write_folder` (staged beside `out_dir`, moved in with report.md last), so a
@@ -399,14 +431,20 @@ def write_report(out_dir: str | Path, evaluation: Evaluation, summary: pd.DataFr
   """
   out = check_output_dir(out_dir, overwrite)
   headline = headline_table(summary, evaluation.volume_method)
+  regions = HEADLINE_REGIONS[evaluation.volume_method]
+  paired = comparisons.paired_comparisons(evaluation.rows)
+  who_wins = comparisons.who_wins_table(paired, regions)
+  references = [m for m in evaluation.methods if m in comparisons.REFERENCE_METHODS]
   texts = {name: json.dumps(value, indent=2) + '\n'
            for name, value in (extra_json or {}).items()}
   texts['pairs.csv'] = evaluation.rows.to_csv(index=False, float_format='%.8g')
   texts['summary.csv'] = summary.to_csv(index=False, float_format='%.8g')
+  texts['comparisons.csv'] = paired.to_csv(index=False, float_format='%.8g')
   texts['report.html'] = figures.render_html(
       evaluation.rows, evaluation.examples, evaluation.methods, summary, headline, context,
-      HEADLINE_REGIONS[evaluation.volume_method], extra_tables)
-  texts['report.md'] = figures.render_markdown(headline, context, evaluation.volume_method)
+      regions, extra_tables, who_wins=who_wins, references=references)
+  texts['report.md'] = figures.render_markdown(headline, context, evaluation.volume_method,
+                                               who_wins=who_wins, references=references)
   writers = {name: functools.partial(_write_text, text=text) for name, text in texts.items()}
   return dict(zip(texts, io.write_folder(out, writers)))
 
