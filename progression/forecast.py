@@ -16,7 +16,13 @@ Outputs (`Forecast`) are on the *input's* grid and affine, in the file's own vox
   * `labels`: the baseline label map carried forward (nearest neighbour), when given;
   * `volumes_ml`: predicted regional volumes (mL), the Jacobian integrated over the baseline
     label map (tensor-based morphometry) or, without labels, over a CSF/GM/WM segmentation
-    of the baseline made by `evaluation.tissue`.
+    of the baseline made by `evaluation.tissue`;
+  * `intervals_ml`: region -> (lower, upper) prediction interval (mL, 90 % by default) around
+    `volumes_ml`, from the regional model's split-conformal spread, when the checkpoint has
+    one and labels are given.
+A generator anchored on the regional model (`config.model.prior`) needs the baseline label
+map to build its prior field; without one the prior is off (the forecast is the network's
+residual alone, close to no change) and a warning says so.
 The optional intensity-residual head of the generator is not applied: the forecast is the
 deformation of the input image.
 """
@@ -34,9 +40,11 @@ import numpy as np
 import pandas as pd
 from absl import logging
 
-from progression import checkpoints, covariates, io, preprocess, train
+from progression import checkpoints, covariates, io, labels as labels_lib, preprocess
+from progression import regional_model, train
 from progression.errors import ProgressionError
 from progression.evaluation import baselines, tissue, volumes
+from progression.models import prior as prior_lib
 from progression.models import warp
 
 # Regions of the `evaluation.tissue` classes used without label maps (one definition, shared
@@ -60,6 +68,7 @@ class Forecast:
   volumes_ml: dict[str, float]
   baseline_volumes_ml: dict[str, float]
   volume_method: str  # 'labels' (Jacobian over the label map) or 'tissue'.
+  intervals_ml: dict[str, tuple[float, float]] = dataclasses.field(default_factory=dict)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -86,15 +95,19 @@ class Forecaster:
   """Forecasts follow-up MRIs with a trained generator on one device (CPU or GPU; no pmap)."""
 
   def __init__(self, config: ml_collections.ConfigDict, params: Any,
-               normalizer: covariates.CovariateNormalizer):
+               normalizer: covariates.CovariateNormalizer,
+               regional: regional_model.RegionalModel | None = None):
     self.config = config
     self.grid = train.grid_from_config(config)
     self.normalizer = normalizer
+    self.regional = regional
     self._params = params
     self.downsize = int(config.model.velocity_downsize)
+    self.anchored = bool(config.model.prior)
     model = train.create_model(config)
-    self._velocity_fn = jax.jit(lambda p, image, cov: model.apply(
-        {'params': p}, image, cov, method=model.velocity).astype(jnp.float32))
+    self._velocity_fn = jax.jit(lambda p, image, cov, years, classes, rates: model.apply(
+        {'params': p}, image, cov, years, *((classes, rates) if self.anchored else ()),
+        method=model.velocity).astype(jnp.float32))
     self._fields_fn = jax.jit(_fields_on_input, static_argnums=3)
     self._warp_fn = jax.jit(_warp_input)
 
@@ -122,7 +135,9 @@ class Forecaster:
         state, _ = checkpointer.restore(_on_default_device(template), step)
       finally:
         checkpointer.close()
-    return cls(config, state.params, normalizer)
+    regional = metadata.get('regional_model')
+    return cls(config, state.params, normalizer,
+               None if regional is None else regional_model.RegionalModel.from_dict(regional))
 
   def prepare(self, baseline: ImageLike, labels: ImageLike | None = None) -> Subject:
     """Loads and checks a baseline (and its labels on the same grid); puts it on the model grid."""
@@ -130,7 +145,7 @@ class Forecaster:
     label_map = None if labels is None else as_volume(labels, io.load_labels)
     if label_map is not None:
       _check_same_grid(image, label_map)
-    gridded = preprocess.to_grid(image, self.grid)
+    gridded = preprocess.to_grid(image, self.grid, labels=label_map)
     if label_map is not None:
       return Subject(image, label_map, gridded, label_map.data,
                      volumes.default_regions(), 'labels')
@@ -142,24 +157,77 @@ class Forecaster:
     """Shape of a velocity field: the model grid / `downsize`, then 3 components."""
     return (*(s // self.downsize for s in self.grid.shape), 3)
 
-  def velocity(self, subject: Subject,
-               cov: 'covariates.Covariates | Mapping[str, Any]') -> np.ndarray:
-    """The subject's velocity `velocity_shape` (model-grid voxels / year, coarse grid)."""
-    encoded = covariates.encode(as_covariates(cov), self.normalizer)
+  def velocity(self, subject: Subject, cov: 'covariates.Covariates | Mapping[str, Any]',
+               years: float = 1.0) -> np.ndarray:
+    """The subject's velocity `velocity_shape` (model-grid voxels / year, coarse grid).
+
+    With an anchored generator the prior part is solved for the horizon `years` (years).
+    """
+    cov = as_covariates(cov)
+    encoded = covariates.encode(cov, self.normalizer)
+    classes, rates = self._prior_inputs(subject, cov)
     velocity = self._velocity_fn(self._params, jnp.asarray(subject.gridded.image)[None, ..., None],
-                                 jnp.asarray(encoded)[None])
+                                 jnp.asarray(encoded)[None], jnp.float32([years]),
+                                 jnp.asarray(classes)[None], jnp.asarray(rates)[None])
     return np.asarray(velocity[0])
+
+  def _prior_inputs(self, subject: Subject, cov: covariates.Covariates
+                    ) -> tuple[np.ndarray, np.ndarray]:
+    """Model-grid classes and the regional model's annual log rates for the prior field."""
+    classes = np.zeros(self.grid.shape, np.uint8)
+    rates = np.zeros(len(prior_lib.RATE_REGIONS), np.float32)
+    if not self.anchored:
+      return classes, rates
+    if subject.labels is None or self.regional is None:
+      logging.warning('forecast without a baseline label map (or a checkpoint without a regional '
+                      'model): the regional prior is off and the forecast is the network\'s '
+                      'residual alone; give --labels for anchored forecasts')
+      return classes, rates
+    baseline_ml = volumes.regional_volumes_ml(subject.region_map, subject.image.voxel_volume_ml,
+                                              regions=subject.regions)
+    predicted = self.regional.log_rates(cov, baseline_ml)
+    rates = np.asarray([predicted[r] for r in prior_lib.RATE_REGIONS], np.float32)
+    return labels_lib.ids_to_classes(subject.gridded.labels), rates
 
   def trajectory(self, subject: Subject, velocity: np.ndarray,
                  years: Sequence[float]) -> list[Forecast]:
-    """Forecasts of `subject` at each interval in `years` from one velocity field."""
+    """Forecasts of `subject` at each interval in `years` from one given velocity field."""
     velocity = np.asarray(velocity, dtype=np.float32)
     if velocity.shape != self.velocity_shape:
       raise ProgressionError(f'velocity: expected shape {self.velocity_shape}, '
                              f'got {velocity.shape}')
-    baseline_ml = volumes.regional_volumes_ml(subject.region_map, subject.image.voxel_volume_ml,
-                                              regions=subject.regions)
+    baseline_ml = self._baseline_ml(subject)
     return [self._horizon(subject, velocity, t, baseline_ml) for t in check_years(years)]
+
+  def _baseline_ml(self, subject: Subject) -> dict[str, float]:
+    return volumes.regional_volumes_ml(subject.region_map, subject.image.voxel_volume_ml,
+                                       regions=subject.regions)
+
+  def _forecasts(self, subject: Subject, cov: covariates.Covariates,
+                 years: Sequence[float]) -> list[Forecast]:
+    """One forecast per horizon; an anchored generator's prior is solved per horizon."""
+    baseline_ml = self._baseline_ml(subject)
+    out = []
+    for t in check_years(years):
+      forecast = self._horizon(subject, self.velocity(subject, cov, max(t, 1e-3)), t,
+                               baseline_ml)
+      out.append(dataclasses.replace(forecast, intervals_ml=self._intervals(
+          subject, cov, t, baseline_ml, forecast.volumes_ml)))
+    return out
+
+  def _intervals(self, subject: Subject, cov: covariates.Covariates, years: float,
+                 baseline_ml: Mapping[str, float], predicted_ml: Mapping[str, float]
+                 ) -> dict[str, tuple[float, float]]:
+    """Conformal (lower, upper) mL around the predicted volumes (regional model's spread)."""
+    if self.regional is None or subject.volume_method != self.regional.volume_method:
+      return {}
+    out = {}
+    for region in self.regional.regions:
+      if region in predicted_ml:
+        half = self.regional.conformal_q[region] * self.regional.spread(region, years)
+        out[region] = (predicted_ml[region] * float(np.exp(-half)),
+                       predicted_ml[region] * float(np.exp(half)))
+    return out
 
   def forecast(self, baseline: ImageLike, cov: 'covariates.Covariates | Mapping[str, Any]',
                years: Sequence[float], labels: ImageLike | None = None) -> list[Forecast]:
@@ -169,15 +237,15 @@ class Forecaster:
       baseline: a 3D T1w image: path, nibabel image or `io.Volume`, any orientation.
       cov: `Covariates` or a mapping of raw values (validated by `parse_covariates`).
       years: intervals from the baseline, in years.
-      labels: optional baseline label map (FreeSurfer ids) on the baseline's grid.
+      labels: optional baseline label map (FreeSurfer ids) on the baseline's grid; needed by
+        a generator anchored on the regional model.
 
     Returns:
       One `Forecast` per interval, in the order given.
     """
     cov = as_covariates(cov)
     years = check_years(years)
-    subject = self.prepare(baseline, labels)
-    return self.trajectory(subject, self.velocity(subject, cov), years)
+    return self._forecasts(self.prepare(baseline, labels), cov, years)
 
   def counterfactuals(self, baseline: ImageLike,
                       cov: 'covariates.Covariates | Mapping[str, Any]',
@@ -187,7 +255,7 @@ class Forecaster:
 
     `scenarios` maps a name to the fields to change, e.g.
     `{'CN': {'diagnosis': 'CN'}, 'AD': {'diagnosis': 'AD', 'apoe4': 2}}`; `{}` keeps `cov`.
-    The baseline is prepared once; each scenario costs one network evaluation.
+    The baseline is prepared once.
     """
     base = covariates.covariates_to_dict(as_covariates(cov))
     changed = {name: covariates.parse_covariates({**base, **changes},
@@ -195,8 +263,7 @@ class Forecaster:
                for name, changes in scenarios.items()}
     years = check_years(years)
     subject = self.prepare(baseline, labels)
-    return {name: self.trajectory(subject, self.velocity(subject, c), years)
-            for name, c in changed.items()}
+    return {name: self._forecasts(subject, c, years) for name, c in changed.items()}
 
   def _horizon(self, subject: Subject, velocity: np.ndarray, years: float,
                baseline_ml: dict[str, float]) -> Forecast:
@@ -230,21 +297,24 @@ def volumes_table(forecasts: 'Sequence[Forecast] | Mapping[str, Sequence[Forecas
                   ) -> pd.DataFrame:
   """Long table of predicted volumes: one row per (scenario,) horizon and region.
 
-  Columns: [scenario,] years, region, volume_ml, baseline_volume_ml, change_pct (total %
-  change from the baseline), method. `scenario` only when given a mapping (counterfactuals).
+  Columns: [scenario,] years, region, volume_ml, lower_ml and upper_ml (prediction interval,
+  NaN without one), baseline_volume_ml, change_pct (total % change from the baseline), method. `scenario` only when given a mapping (counterfactuals).
   """
   if isinstance(forecasts, Mapping):
     tables = [volumes_table(f).assign(scenario=name) for name, f in forecasts.items()]
     table = pd.concat(tables, ignore_index=True)
     return table[['scenario'] + [c for c in table.columns if c != 'scenario']]
+  nan = (float('nan'), float('nan'))
   rows = [{'years': f.years, 'region': region, 'volume_ml': ml,
+           'lower_ml': f.intervals_ml.get(region, nan)[0],
+           'upper_ml': f.intervals_ml.get(region, nan)[1],
            'baseline_volume_ml': f.baseline_volumes_ml[region],
            'change_pct': (100.0 * (ml / f.baseline_volumes_ml[region] - 1.0)
                           if f.baseline_volumes_ml[region] > 0 else float('nan')),
            'method': f.volume_method}
           for f in forecasts for region, ml in f.volumes_ml.items()]
-  return pd.DataFrame(rows, columns=['years', 'region', 'volume_ml', 'baseline_volume_ml',
-                                     'change_pct', 'method'])
+  return pd.DataFrame(rows, columns=['years', 'region', 'volume_ml', 'lower_ml', 'upper_ml',
+                                     'baseline_volume_ml', 'change_pct', 'method'])
 
 
 def _fields_on_input(velocity, years, to_grid, static: tuple[int, int, tuple[int, ...]]):

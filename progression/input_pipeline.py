@@ -17,6 +17,7 @@ to the baseline or to MNI). Preprocessed visits are cached as .npz files per gri
 reads only cached arrays (a 120x144x120 NIfTI pair takes ~0.2 s to decode and resample).
 """
 
+import dataclasses
 import functools
 import hashlib
 import os
@@ -29,8 +30,10 @@ from typing import Callable, Iterator
 import numpy as np
 import pandas as pd
 
-from progression import cohort, covariates, io, labels, preprocess, workers
+from progression import cohort, covariates, io, labels, preprocess, regional_model, workers
 from progression.errors import ProgressionError
+from progression.evaluation import baselines
+from progression.models import prior as prior_lib
 
 Batch = dict[str, np.ndarray]
 
@@ -39,7 +42,8 @@ class PairDataset:
   """Random access to preprocessed (baseline, follow-up) pairs on one experiment grid."""
 
   def __init__(self, pairs: pd.DataFrame, grid: preprocess.Grid, cache_dir: str | Path,
-               normalizer: covariates.CovariateNormalizer):
+               normalizer: covariates.CovariateNormalizer,
+               regional: regional_model.RegionalModel | None = None):
     if len(pairs) == 0:
       raise ProgressionError('no pairs to load: the split is empty')
     self.pairs = pairs.reset_index(drop=True)
@@ -47,14 +51,31 @@ class PairDataset:
     self.cache_dir = Path(cache_dir)
     self.has_labels = bool(self.pairs['baseline_labels'].notna().all()
                            and self.pairs['followup_labels'].notna().all())
-    self._covariates = covariates.encode_many(
-        [cohort.covariates_of(row) for _, row in self.pairs.iterrows()], normalizer)
+    self.normalizer = normalizer
+    self.regional = regional if self.has_labels else None
+    self._raw_covariates = [cohort.covariates_of(row) for _, row in self.pairs.iterrows()]
+    self._covariates = covariates.encode_many(self._raw_covariates, normalizer)
+    self._baseline_ml: dict[int, dict[str, float]] = {}
 
   def __len__(self) -> int:
     return len(self.pairs)
 
-  def example(self, index: int) -> Batch:
-    """Arrays of pair `index` (no batch axis): images `[x, y, z, 1]`, labels `[x, y, z]`."""
+  def prior_log_rates(self, index: int, cov: covariates.Covariates) -> np.ndarray:
+    """The regional model's annual log change `[K]` (`prior.RATE_REGIONS`) for pair `index`."""
+    if index not in self._baseline_ml:  # Measured once per pair, on the full-resolution labels.
+      labels_path = self.pairs.iloc[index]['baseline_labels']
+      self._baseline_ml[index] = baselines.measure_volumes_ml(None, _load_labels(labels_path),
+                                                              'labels')
+    rates = self.regional.log_rates(cov, self._baseline_ml[index])
+    return np.asarray([rates[r] for r in prior_lib.RATE_REGIONS], np.float32)
+
+  def example(self, index: int, rng: np.random.Generator | None = None,
+              covariate_dropout: float = 0.0) -> Batch:
+    """Arrays of pair `index` (no batch axis): images `[x, y, z, 1]`, labels `[x, y, z]`.
+
+    With `covariate_dropout` > 0 each covariate field is marked missing with that
+    probability (drawn from `rng`), in the encoded covariates and the prior's rates alike.
+    """
     row = self.pairs.iloc[index]
     baseline = self._visit(row['baseline_image'], row['baseline_labels'], None)
     center = baseline['center_mm']
@@ -67,9 +88,17 @@ class PairDataset:
         'years': np.float32(row['interval_years']),
         'covariates': self._covariates[index],
     }
+    cov = self._raw_covariates[index]
+    if covariate_dropout > 0:
+      dropped = {f: None for f in covariates.FIELDS if rng.random() < covariate_dropout}
+      if dropped:
+        cov = dataclasses.replace(cov, **dropped)
+        example['covariates'] = covariates.encode(cov, self.normalizer)
     if self.has_labels:
       example['baseline_labels'] = baseline['classes']
       example['followup_labels'] = followup['classes']
+    if self.regional is not None:
+      example['prior_log_rates'] = self.prior_log_rates(index, cov)
     return example
 
   def warm_cache(self, num_workers: int | None = None,
@@ -182,13 +211,17 @@ def local_positions(step: int, global_batch: int, process_index: int,
 
 def train_batch(dataset: PairDataset, step: int, *, global_batch: int, seed: int,
                 process_index: int = 0, process_count: int = 1,
-                intensity_jitter: float = 0.0, flip_lr_prob: float = 0.0) -> Batch:
+                intensity_jitter: float = 0.0, flip_lr_prob: float = 0.0,
+                covariate_dropout: float = 0.0) -> Batch:
   """The host-local batch `[local_batch, ...]` of training step `step` (deterministic)."""
   positions = local_positions(step, global_batch, process_index, process_count)
   indices = stream_indices(positions, len(dataset), seed)
-  examples = [augment(dataset.example(int(i)), np.random.default_rng([seed, 1, int(q)]),
-                      intensity_jitter, flip_lr_prob)
-              for i, q in zip(indices, positions)]
+  examples = []
+  for i, q in zip(indices, positions):
+    dropout_rng = np.random.default_rng([seed, 2, int(q)])
+    examples.append(augment(dataset.example(int(i), dropout_rng, covariate_dropout),
+                            np.random.default_rng([seed, 1, int(q)]), intensity_jitter,
+                            flip_lr_prob))
   return stack(examples)
 
 

@@ -5,7 +5,9 @@ A batch is a dict of arrays with a leading per-device batch axis:
   years: `[B]` interval baseline -> follow-up in years;
   covariates: `[B, covariates.ENCODED_DIM]` encoded baseline covariates;
   baseline_labels, followup_labels: `[B, x, y, z]` uint8 class indices into
-    `labels.CLASS_IDS` (optional; for the Dice and volume losses);
+    `labels.CLASS_IDS` (optional; for the Dice and volume losses and the prior);
+  prior_log_rates: `[B, K]` the regional model's predicted annual log change per
+    `prior.RATE_REGIONS` (optional; with a generator anchored on the prior);
   valid: `[B]` 1.0 for real examples, 0.0 for padding (evaluation only).
 """
 
@@ -29,8 +31,12 @@ def _identity(tree):
 
 
 def _forward(apply_fn, params, batch: Mapping[str, jax.Array], train: bool) -> dict:
+  prior = {}
+  if 'prior_log_rates' in batch:
+    prior = {'prior_classes': batch['baseline_labels'],
+             'prior_log_rates': batch['prior_log_rates']}
   return apply_fn({'params': params}, batch['baseline'], batch['years'], batch['covariates'],
-                  train=train)
+                  train=train, **prior)
 
 
 def _loss_terms(apply_fn, params, batch, loss_weights, train: bool):

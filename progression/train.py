@@ -20,10 +20,12 @@ import pandas as pd
 from absl import logging
 
 from progression import (checkpoints, cohort, covariates, input_pipeline, io, metric_writers,
-                         parallel, preprocess, steps)
+                         parallel, preprocess, regional_model, steps)
+from progression.evaluation import baselines
 from progression.errors import ProgressionError
 from progression.progress import ProgressBar
 from progression.models import generator
+from progression.models import prior as prior_lib
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,7 +70,9 @@ def create_model(config: ml_collections.ConfigDict) -> generator.ProgressionGene
       downsize=m.velocity_downsize, num_squarings=m.num_squarings,
       max_velocity_voxels_per_year=m.max_velocity_voxels_per_year,
       intensity_residual=m.intensity_residual, conv_impl=m.conv_impl,
-      dtype=jnp.dtype(m.dtype))
+      dtype=jnp.dtype(m.dtype),
+      prior_regions=prior_lib.label_prior_regions() if m.prior else None,
+      residual_scale=m.residual_scale)
 
 
 def learning_rate_schedule(config: ml_collections.ConfigDict) -> optax.Schedule:
@@ -92,8 +96,13 @@ def create_train_state(config: ml_collections.ConfigDict, rng: jax.Array) -> ste
   """Initialises parameters on a dummy batch of the experiment grid (host, unreplicated)."""
   model = create_model(config)
   shape = (1, *config.grid.shape, 1)
-  params = jax.jit(model.init)(rng, jnp.zeros(shape, jnp.float32), jnp.zeros((1,), jnp.float32),
-                               jnp.zeros((1, covariates.ENCODED_DIM), jnp.float32))['params']
+  prior_inputs = {}
+  if config.model.prior:
+    prior_inputs = {'prior_classes': jnp.zeros(shape[:-1], jnp.uint8),
+                    'prior_log_rates': jnp.zeros((1, len(prior_lib.RATE_REGIONS)), jnp.float32)}
+  init = lambda rng, *args: model.init(rng, *args, **prior_inputs)
+  params = jax.jit(init)(rng, jnp.zeros(shape, jnp.float32), jnp.ones((1,), jnp.float32),
+                         jnp.zeros((1, covariates.ENCODED_DIM), jnp.float32))['params']
   return steps.TrainState.create(apply_fn=model.apply, params=params,
                                  tx=create_optimizer(config))
 
@@ -102,9 +111,19 @@ def loss_weights(config: ml_collections.ConfigDict) -> dict[str, float]:
   return {k: float(v) for k, v in config.loss.items()}
 
 
-def experiment_metadata(config: ml_collections.ConfigDict, data: ExperimentData) -> dict:
+def fit_regional_model(config: ml_collections.ConfigDict, data: ExperimentData
+                       ) -> regional_model.RegionalModel:
+  """The regional progression model of the experiment: fitted on train, calibrated on val."""
+  volume_method = baselines.volume_method_of(pd.concat([data.train, data.val]))
+  return regional_model.fit_on_pairs(data.train, data.val, volume_method, seed=config.seed,
+                                     progress=ProgressBar('regional model: visits measured'))
+
+
+def experiment_metadata(config: ml_collections.ConfigDict, data: ExperimentData,
+                        regional: regional_model.RegionalModel | None = None) -> dict:
   """What a checkpoint must carry to resume or forecast without the training code's state."""
   return {
+      'regional_model': None if regional is None else regional.to_dict(),
       'config': json.loads(config.to_json()),
       'cohort': {'spec': config.cohort.spec, 'root': str(config.cohort.root)},
       'grid': {'shape': list(data.grid.shape), 'voxel_size_mm': list(data.grid.voxel_size_mm)},
@@ -148,21 +167,26 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path
   local_batch = config.per_device_batch_size * jax.local_device_count()
   global_batch = local_batch * jax.process_count()
   cache_dir = workdir / 'cache' / 'x'.join(map(str, data.grid.shape))
-  train_set = input_pipeline.PairDataset(data.train, data.grid, cache_dir, data.normalizer)
-  val_set = (input_pipeline.PairDataset(data.val, data.grid, cache_dir, data.normalizer)
-             if len(data.val) else None)
+  has_labels = baselines.volume_method_of(pd.concat([data.train, data.val])) == 'labels'
+  if not has_labels and (config.loss.dice > 0 or config.loss.volume > 0 or config.model.prior):
+    logging.warning('no label maps in the cohort: the Dice and volume loss terms and the '
+                    'regional prior are disabled')
+    config = _with_loss(config, dice=0.0, volume=0.0)
+    config.model.prior = False
+  regional = fit_regional_model(config, data) if config.model.prior else None
+  make_dataset = lambda pairs: input_pipeline.PairDataset(pairs, data.grid, cache_dir,
+                                                          data.normalizer, regional)
+  train_set = make_dataset(data.train)
+  val_set = make_dataset(data.val) if len(data.val) else None
   for name, dataset in (('training', train_set), ('validation', val_set)):
     if dataset is not None:
       dataset.warm_cache(progress=ProgressBar(f'{name} subjects preprocessed'))
-  if train_set.has_labels is False and (config.loss.dice > 0 or config.loss.volume > 0):
-    logging.warning('no label maps in the cohort: the Dice and volume loss terms are disabled')
-    config = _with_loss(config, dice=0.0, volume=0.0)
 
   rng = jax.random.PRNGKey(config.seed)
   state = create_train_state(config, rng)
   checkpointer = checkpoints.Checkpointer(checkpoints.checkpoint_dir(workdir),
                                           keep=config.keep_checkpoints)
-  metadata = experiment_metadata(config, data)
+  metadata = experiment_metadata(config, data, regional)
   if checkpointer.latest_step() is not None:
     check_resumable(checkpointer.restore_metadata(), config, checkpointer.directory)
     state, _ = checkpointer.restore(state)
@@ -182,7 +206,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path
           train_set, step, global_batch=global_batch, seed=config.seed,
           process_index=jax.process_index(), process_count=jax.process_count(),
           intensity_jitter=config.augment.intensity_jitter,
-          flip_lr_prob=config.augment.flip_lr_prob)
+          flip_lr_prob=config.augment.flip_lr_prob,
+          covariate_dropout=config.augment.covariate_dropout)
        for step in range(start_step, config.num_steps)), config.prefetch_batches)
 
   progress = _Progress(start_step, config.num_steps)

@@ -17,6 +17,7 @@ from scipy import ndimage
 
 from progression import covariates, input_pipeline, labels, parallel, steps, train
 from progression.errors import ProgressionError
+from progression.models import prior
 from tests.conftest import tiny_config
 
 REPO = Path(__file__).resolve().parents[1]
@@ -33,6 +34,7 @@ def _random_batch(num: int, shape=(16, 16, 16), seed=0) -> dict[str, np.ndarray]
       'covariates': rng.standard_normal((num, covariates.ENCODED_DIM)).astype(np.float32),
       'baseline_labels': classes,
       'followup_labels': np.roll(classes, 1, axis=1),
+      'prior_log_rates': rng.normal(0.0, 0.03, (num, len(prior.RATE_REGIONS))).astype(np.float32),
   }
 
 
@@ -43,6 +45,9 @@ def _leaves(tree):
 def test_pmap_step_matches_one_device_on_the_same_global_batch():
   assert jax.local_device_count() == 2
   config = tiny_config('unused')
+  # Without the prior's zero-initialised head: its trunk gradients start at exactly 0, and
+  # Adam's first step turns their float noise into full-size updates, hiding the comparison.
+  config.model.prior = False
   state = train.create_train_state(config, jax.random.PRNGKey(0))
   batch = _random_batch(2)
   weights = train.loss_weights(config)
@@ -101,7 +106,8 @@ def test_training_lowers_validation_loss(synthetic_cohort, tmp_path):
                        checkpoint_every_steps=40, log_every_steps=10)
   config.optim.warmup_steps = 10
   data = train.load_experiment_data(config)
-  val_set = input_pipeline.PairDataset(data.val, data.grid, tmp_path / 'cache', data.normalizer)
+  val_set = input_pipeline.PairDataset(data.val, data.grid, tmp_path / 'cache', data.normalizer,
+                                       train.fit_regional_model(config, data))
   weights = train.loss_weights(config)
   p_eval = parallel.pmap_eval_step(functools.partial(steps.eval_step, loss_weights=weights))
   initial = train.create_train_state(config, jax.random.PRNGKey(config.seed))
@@ -112,7 +118,9 @@ def test_training_lowers_validation_loss(synthetic_cohort, tmp_path):
   lines = (tmp_path / 'work/metrics.jsonl').read_text().splitlines()
   after = [r for r in map(json.loads, lines) if r['split'] == 'val'][-1]
   assert after['step'] == 40
-  assert after['loss'] < 0.9 * before['loss'], (before, after)
+  # The anchored generator starts at the regional model, which already has the contraction's
+  # volume change (the unanchored one started at no change and gained > 10 % here).
+  assert after['loss'] < 0.95 * before['loss'], (before, after)
   assert (tmp_path / 'work/tensorboard').is_dir()
 
 

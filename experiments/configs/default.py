@@ -33,6 +33,10 @@ def get_config() -> ml_collections.ConfigDict:
   config.model.intensity_residual = False  # Extra head for contrast change; off by default.
   config.model.conv_impl = 'auto'  # 'auto' | 'depth_taps' (fast on CPU) | 'native'.
   config.model.dtype = 'float32'  # Compute dtype; 'bfloat16' on GPU. Params stay float32.
+  # Anchor on the regional progression model (needs label maps): velocity = a prior field that
+  # realises its predicted regional rates + a zero-initialised residual (progression.models.prior).
+  config.model.prior = True
+  config.model.residual_scale = 0.05  # Voxels/year per unit of the residual head's output.
 
   # Loss weights (0 disables a term).
   config.loss = ml_collections.ConfigDict()
@@ -56,6 +60,9 @@ def get_config() -> ml_collections.ConfigDict:
   config.augment = ml_collections.ConfigDict()
   config.augment.intensity_jitter = 0.05  # Std of a random gain/offset on both images.
   config.augment.flip_lr_prob = 0.5  # Left-right flip; label ids swapped left<->right.
+  # Each covariate field is dropped (marked missing) with this probability, so the network and
+  # the prior learn the missing-value indicators.
+  config.augment.covariate_dropout = 0.1
 
   # Loop.
   config.per_device_batch_size = 1

@@ -18,13 +18,14 @@ Volumes (mL) come from the label maps (`volumes.regional_volumes_ml`, regions
 """
 
 import dataclasses
+import math
 from collections.abc import Callable, Mapping
 from typing import Any, Protocol
 
 import numpy as np
 import pandas as pd
 
-from progression import covariates, io
+from progression import cohort, covariates, io
 from progression.errors import ProgressionError
 from progression.evaluation import tissue, volumes
 
@@ -51,10 +52,12 @@ class Prediction:
       unit; the evaluation normalises it).
     volumes_ml: region name -> predicted follow-up volume (mL).
     volume_method: 'labels' or 'tissue': how the regions are defined.
+    intervals_ml: optional region -> (lower, upper) prediction interval of the volume (mL).
   """
   image: np.ndarray
   volumes_ml: Mapping[str, float]
   volume_method: str
+  intervals_ml: Mapping[str, tuple[float, float]] | None = None
 
 
 class Method(Protocol):
@@ -310,3 +313,23 @@ class PopulationRateBaseline:
         None if pd.isna(age) else float(age), float(pair_row['interval_years']))
     return Prediction(image=baseline.data, volumes_ml=predicted,
                       volume_method=self.rates.volume_method)
+
+
+class RegionalModelBaseline:
+  """Applies a fitted `regional_model.RegionalModel` to the baseline's measured volumes."""
+  name = 'regional_model'
+
+  def __init__(self, model: 'regional_model.RegionalModel'):
+    self.model = model
+
+  def predict(self, pair_row: Mapping[str, Any], baseline: io.Volume,
+              baseline_labels: io.Volume | None) -> Prediction:
+    baseline_ml = measure_volumes_ml(baseline, baseline_labels, self.model.volume_method)
+    cov = cohort.covariates_of(pair_row)
+    years = float(pair_row['interval_years'])
+    predicted = self.model.predict_volumes_ml(cov, baseline_ml, years)
+    interval = self.model.interval_ml(cov, baseline_ml, years)
+    return Prediction(image=baseline.data,
+                      volumes_ml={r: predicted.get(r, math.nan) for r in baseline_ml},
+                      volume_method=self.model.volume_method,
+                      intervals_ml=interval)

@@ -15,10 +15,10 @@ import numpy as np
 import pandas as pd
 from absl import logging
 
-from progression import checkpoints, cohort, forecast, io, train
+from progression import checkpoints, cohort, forecast, io, regional_model, train
 from progression.progress import ProgressBar
 from progression.errors import ProgressionError
-from progression.evaluation import baselines, report
+from progression.evaluation import baselines, references, report
 
 
 class ForecasterMethod:
@@ -37,7 +37,8 @@ class ForecasterMethod:
     image = io.from_array(np.asarray(result.image.dataobj, dtype=np.float32),
                           result.image.affine).data
     return baselines.Prediction(image=image, volumes_ml=result.volumes_ml,
-                                volume_method=result.volume_method)
+                                volume_method=result.volume_method,
+                                intervals_ml=result.intervals_ml)
 
 
 class Outputs(NamedTuple):
@@ -92,9 +93,16 @@ def evaluate_checkpoint(checkpoint: str | Path, out: str | Path, split: str = 't
   rates = baselines.fit_population_rates(
       baselines.training_volume_table(data.train, volume_method,
                                       ProgressBar('training pairs measured')), volume_method)
-  model = ForecasterMethod(forecast.Forecaster.from_checkpoint(checkpoint, step), volume_method)
-  methods = [model, baselines.PopulationRateBaseline(rates),
-             baselines.NoChangeBaseline(volume_method)]
+  forecaster = forecast.Forecaster.from_checkpoint(checkpoint, step)
+  regional = forecaster.regional
+  if regional is None or regional.volume_method != volume_method:
+    regional = regional_model.fit_on_pairs(data.train, data.val, volume_method,
+                                           seed=config.seed)
+  methods = [ForecasterMethod(forecaster, volume_method),
+             baselines.RegionalModelBaseline(regional),
+             baselines.PopulationRateBaseline(rates),
+             baselines.NoChangeBaseline(volume_method),
+             *references.reference_methods(config.cohort.root, volume_method)]
   evaluation = report.evaluate_pairs(pairs, methods, volume_method, num_examples,
                                      ProgressBar(f'{split} pairs evaluated'), where)
   summary = report.summarize(evaluation.rows)
@@ -104,7 +112,8 @@ def evaluate_checkpoint(checkpoint: str | Path, out: str | Path, split: str = 't
              'volumes from': volume_method, 'methods': ', '.join(m.name for m in methods)}
   files = report.write_report(
       out, evaluation, summary, context, overwrite=overwrite,
-      extra_json={'population_rates.json': rates.to_dict()},
+      extra_json={'population_rates.json': rates.to_dict(),
+                  'regional_model.json': regional.to_dict()},
       extra_tables={'Population rates (percent/year at the mean training age)':
                     rates_table(rates)})
   return Outputs(files=files, headline=report.headline_table(summary, volume_method))

@@ -55,14 +55,14 @@ ROW_COLUMNS = PAIR_KEY + (
     'method', 'region', 'volume_method', 'baseline_ml', 'true_ml', 'predicted_ml',
     'true_change_ml', 'predicted_change_ml', 'error_ml', 'abs_error_ml', 'abs_percent_error',
     'true_rate_pct_per_year', 'predicted_rate_pct_per_year', 'rate_error_pct_per_year',
-    'abs_rate_error_pct_per_year') + IMAGE_METRICS
+    'abs_rate_error_pct_per_year', 'interval_covered') + IMAGE_METRICS
 # Interval bins (years): upper edges and labels; a pair falls in the first bin whose edge
 # is >= its interval (visits at 6 months, 1, 2, 3 and 4+ years land in separate bins).
 INTERVAL_EDGES_YEARS = (0.75, 1.5, 2.5, 4.0, math.inf)
 INTERVAL_LABELS = ('0-0.75y', '0.75-1.5y', '1.5-2.5y', '2.5-4y', '4y+')
 # summary.csv: metrics summarised per pair x region (volumes) and per pair (images).
 VOLUME_METRICS = ('abs_error_ml', 'error_ml', 'abs_percent_error',
-                  'abs_rate_error_pct_per_year', 'rate_error_pct_per_year')
+                  'abs_rate_error_pct_per_year', 'rate_error_pct_per_year', 'interval_covered')
 GROUPINGS = {'all': None, 'diagnosis': 'diagnosis', 'interval': 'interval_bin'}
 SUMMARY_COLUMNS = ('grouping', 'group', 'method', 'region', 'metric', 'n', 'mean', 'median',
                    'ci95_low', 'ci95_high')
@@ -224,7 +224,7 @@ def _evaluate_pair(row: Mapping[str, Any], methods: Sequence[Method], volume_met
     metrics = _image_metrics(predicted, real, mask)
     predicted_slices[method.name] = predicted[:, index, :]
     records += _region_records(row, method.name, volume_method, baseline_ml, true_ml,
-                               prediction.volumes_ml, metrics)
+                               prediction.volumes_ml, metrics, prediction.intervals_ml)
   example = None
   if keep_slices:
     baseline = preprocess.normalize_intensity(v['baseline'].data)
@@ -281,9 +281,13 @@ def _image_metrics(predicted: np.ndarray, real: np.ndarray, mask: np.ndarray) ->
 
 def _region_records(row: Mapping[str, Any], method: str, volume_method: str,
                     baseline_ml: Mapping[str, float], true_ml: Mapping[str, float],
-                    predicted_ml: Mapping[str, float], metrics: Mapping[str, float]
+                    predicted_ml: Mapping[str, float], metrics: Mapping[str, float],
+                    intervals_ml: Mapping[str, tuple[float, float]] | None = None
                     ) -> list[dict]:
   regions = list(baseline_ml)
+  intervals_ml = intervals_ml or {}
+  covered = [float(intervals_ml[r][0] <= true_ml[r] <= intervals_ml[r][1])
+             if r in intervals_ml else math.nan for r in regions]
   years = float(row['interval_years'])
   v0 = np.array([baseline_ml[r] for r in regions])
   v1 = np.array([true_ml[r] for r in regions])
@@ -304,7 +308,8 @@ def _region_records(row: Mapping[str, Any], method: str, volume_method: str,
            'abs_error_ml': abs(error[i]), 'abs_percent_error': abs_percent[i],
            'true_rate_pct_per_year': true_rate[i], 'predicted_rate_pct_per_year':
            predicted_rate[i], 'rate_error_pct_per_year': predicted_rate[i] - true_rate[i],
-           'abs_rate_error_pct_per_year': abs(predicted_rate[i] - true_rate[i])}
+           'abs_rate_error_pct_per_year': abs(predicted_rate[i] - true_rate[i]),
+           'interval_covered': covered[i]}
           for i, region in enumerate(regions)]
 
 

@@ -25,6 +25,7 @@ import jax.numpy as jnp
 
 from progression.errors import ProgressionError
 from progression.models import layers
+from progression.models import prior as prior_lib
 from progression.models import unet as unet_lib
 from progression.models import warp as warp_lib
 
@@ -98,6 +99,12 @@ class ProgressionGenerator(nn.Module):
       training starts near the identity map).
     conv_impl: `layers.Conv3D` impl ('auto' | 'depth_taps' | 'native').
     unet_skip: 'concat' | 'add' decoder skips (see `unet.UNet`).
+    prior_regions: when set, the velocity is `prior.prior_velocity` (the regional model's
+      predicted rates realised on the baseline label map) plus the network's residual, the
+      residual head starts at zero and the network also sees the predicted rates; so an
+      untrained generator forecasts the regional model's volumes.
+    residual_scale: voxels/year per unit of the residual head's output (with a prior), so
+      Adam steps move the residual at the scale of real atrophy (0.005-0.07 voxel/year).
   """
   features: Sequence[int]
   cond_dim: int
@@ -110,15 +117,18 @@ class ProgressionGenerator(nn.Module):
   velocity_init_scale: float = 1e-5
   conv_impl: str = 'auto'
   unet_skip: str = 'concat'
+  prior_regions: Optional[prior_lib.PriorRegions] = None
+  residual_scale: float = 0.05
 
   def setup(self):
     self.cond_in = nn.Dense(self.cond_features, name='cond_in')
     self.cond_out = nn.Dense(self.cond_features, name='cond_out')
     self.unet = unet_lib.UNet(tuple(self.features), conv_impl=self.conv_impl, dtype=self.dtype,
                               skip=self.unet_skip, name='unet')
-    self.velocity_head = layers.Conv3D(
-        3, impl=self.conv_impl, dtype=jnp.float32,
-        kernel_init=nn.initializers.normal(self.velocity_init_scale), name='velocity_head')
+    head_init = (nn.initializers.zeros_init() if self.prior_regions is not None
+                 else nn.initializers.normal(self.velocity_init_scale))
+    self.velocity_head = layers.Conv3D(3, impl=self.conv_impl, dtype=jnp.float32,
+                                       kernel_init=head_init, name='velocity_head')
     if self.intensity_residual:
       self.intensity_head = layers.Conv3D(
           self.downsize ** 3, impl=self.conv_impl, dtype=jnp.float32,
@@ -137,45 +147,78 @@ class ProgressionGenerator(nn.Module):
           f'grid {tuple(baseline.shape[1:4])} must be divisible by {div} (downsize '
           f'{self.downsize} x 2^(levels-1) for features {tuple(self.features)}); pad or crop')
 
-  def _trunk(self, baseline: Array, covariates: Array) -> Array:
+  def _trunk(self, baseline: Array, covariates: Array, prior_log_rates: Optional[Array]
+             ) -> Array:
     """U-Net features on the velocity grid: [B, X/f, Y/f, Z/f, features[0]] float32."""
     self._check(baseline, covariates)
-    cond = nn.silu(self.cond_out(nn.silu(self.cond_in(covariates.astype(jnp.float32)))))
+    cond = covariates.astype(jnp.float32)
+    if self.prior_regions is not None and prior_log_rates is None:
+      raise ProgressionError('this generator is anchored on a regional prior: give '
+                             'prior_classes [B,X,Y,Z] and prior_log_rates [B,K]')
+    if self.prior_regions is not None:  # Rates as ~unit inputs (log change 0.01-0.1 / year).
+      cond = jnp.concatenate([cond, 10.0 * prior_log_rates.astype(jnp.float32)], axis=-1)
+    cond = nn.silu(self.cond_out(nn.silu(self.cond_in(cond))))
     x = layers.space_to_depth(baseline.astype(jnp.float32), self.downsize)
     return self.unet(x, cond).astype(jnp.float32)
 
   def _velocity_head(self, h: Array) -> Array:
     v = self.velocity_head(h)
+    if self.prior_regions is not None:
+      v = self.residual_scale * v
     if self.max_velocity_voxels_per_year is not None:
       m = self.max_velocity_voxels_per_year
       v = m * jnp.tanh(v / m)
     return v
 
-  def velocity(self, baseline: Array, covariates: Array) -> Array:
-    """Stationary velocity [B, X/f, Y/f, Z/f, 3] in model-grid voxels per year.
+  def _prior(self, baseline: Array, years: Array, prior_classes: Optional[Array],
+             prior_log_rates: Optional[Array]) -> Optional[Array]:
+    if self.prior_regions is None:
+      return None
+    if prior_classes is None or prior_log_rates is None:
+      raise ProgressionError('this generator is anchored on a regional prior: give '
+                             'prior_classes [B,X,Y,Z] and prior_log_rates [B,K]')
+    return prior_lib.prior_velocity(prior_classes, prior_log_rates, years,
+                                    self.prior_regions, self.downsize,
+                                    num_squarings=self.num_squarings)
 
-    Args: baseline [B, X, Y, Z, 1]; covariates [B, cond_dim] (encoded).
+  def velocity(self, baseline: Array, covariates: Array, years: Optional[Array] = None,
+               prior_classes: Optional[Array] = None,
+               prior_log_rates: Optional[Array] = None) -> Array:
+    """Velocity [B, X/f, Y/f, Z/f, 3] in model-grid voxels per year.
+
+    Args: baseline [B, X, Y, Z, 1]; covariates [B, cond_dim] (encoded); with a prior also
+    years [B] (the horizon the prior is solved for), prior_classes [B, X, Y, Z] and
+    prior_log_rates [B, K].
     """
-    return self._velocity_head(self._trunk(baseline, covariates))
+    residual = self._velocity_head(self._trunk(baseline, covariates, prior_log_rates))
+    prior = self._prior(baseline, years if years is None else jnp.asarray(years, jnp.float32),
+                        prior_classes, prior_log_rates)
+    return residual if prior is None else residual + prior
 
   def __call__(self, baseline: Array, years: Array, covariates: Array,
-               train: bool = False) -> dict[str, Array]:
+               train: bool = False, prior_classes: Optional[Array] = None,
+               prior_log_rates: Optional[Array] = None) -> dict[str, Array]:
     """Forecast: baseline [B,X,Y,Z,1], years [B], covariates [B,cond_dim] -> dict.
 
     Keys: 'velocity' [B,X/f,Y/f,Z/f,3] (voxels/year), 'displacement' [B,X,Y,Z,3]
     (voxels), 'prediction' [B,X,Y,Z,1], 'jacobian' [B,X,Y,Z]; plus
-    'intensity_rate' [B,X,Y,Z,1] (per year) when intensity_residual. `train` is
+    'intensity_rate' [B,X,Y,Z,1] (per year) when intensity_residual. With a prior,
+    prior_classes and prior_log_rates are required (see `velocity`). `train` is
     unused today (no dropout/batch statistics) and kept for a stable API.
     """
     del train
     years = jnp.asarray(years, jnp.float32)
     if years.shape != baseline.shape[:1]:
       raise ProgressionError(f'years must be [batch]={baseline.shape[:1]}, got {years.shape}')
-    h = self._trunk(baseline, covariates)
+    h = self._trunk(baseline, covariates, prior_log_rates)
     rate = None
     if self.intensity_residual:
       rate = layers.depth_to_space(self.intensity_head(h), self.downsize)
-    out = forecast_from_velocity(baseline, self._velocity_head(h), years, self.num_squarings,
+    velocity = self._velocity_head(h)
+    prior = self._prior(baseline, years, prior_classes, prior_log_rates)
+    if prior is not None:
+      velocity = velocity + prior
+    out = forecast_from_velocity(baseline, velocity, years, self.num_squarings,
                                  intensity_rate=rate)
     if rate is not None:
       out['intensity_rate'] = rate

@@ -1,0 +1,141 @@
+"""Prior velocity field: realises a regional model's predicted rates on the baseline label map.
+
+The generator's velocity is this field plus a learned residual (DESIGN.md, "Prior knowledge"),
+so an untrained generator forecasts the regional model's volumes. For each sub-region j
+(left/right hippocampus, amygdala, lateral ventricle; the whole brain) a radial field
+
+    b_j(x) = w_j(x) (x - c_j)     (model-grid voxels; c_j: the sub-region's centroid)
+
+has a window w_j = clip(2 blur(mask_j), 0, 1) on the velocity grid: flat (= 1) over the
+sub-region, so its divergence there is exactly 3 and the sub-region's volume changes by the
+same factor at every interval (log change linear in t, no second-order drift), falling to 0
+about two velocity voxels outside. The model's displacement is a pull-back, so a region R
+changes by  log(V_t / V_0) ~= -t mean_R div(v)  (first order of the push-forward's Jacobian,
+computed with the generator's own upsampling and central differences), and the
+coefficients solve  G c = y  with G[k, j] = -mean_{R_k} div(upsample(b_j)) and y_k the
+predicted annual log change of sub-region k's region (a small ridge keeps absent regions at 0).
+
+Arrays: classes `[B, X, Y, Z]` (indices into `labels.CLASS_IDS`), log rates `[B, K]`
+(1/year, order of `PriorRegions.rate_regions`), velocity `[B, X/f, Y/f, Z/f, 3]`.
+"""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from progression import labels
+from progression.models import warp
+
+Array = jax.Array
+# Regions the prior controls, as (rate region, sub-regions of label ids).
+_SUBREGIONS = (
+    ('hippocampus', ((labels.LEFT_HIPPOCAMPUS,), (labels.RIGHT_HIPPOCAMPUS,))),
+    ('amygdala', ((labels.LEFT_AMYGDALA,), (labels.RIGHT_AMYGDALA,))),
+    ('lateral_ventricles', ((labels.LEFT_LATERAL_VENTRICLE,),
+                            (labels.RIGHT_LATERAL_VENTRICLE,))),
+    ('whole_brain', (tuple(labels.REGIONS['whole_brain']),)),
+)
+RATE_REGIONS = tuple(name for name, _ in _SUBREGIONS)
+_RIDGE = 1e-4  # Relative to the mean squared gain.
+WINDOW_GAIN = 4.0  # Window = clip(gain * blur(mask)): flat up to ~1 velocity voxel outside.
+
+
+@dataclasses.dataclass(frozen=True)
+class PriorRegions:
+  """Sub-regions as class-index sets, each with the index of its rate in `rate_regions`."""
+  rate_regions: tuple[str, ...]
+  subregions: tuple[tuple[int, tuple[int, ...]], ...]
+
+
+def label_prior_regions() -> PriorRegions:
+  """The prior's sub-regions on `labels.CLASS_IDS` class maps."""
+  subregions = []
+  for k, (_, parts) in enumerate(_SUBREGIONS):
+    for ids in parts:
+      classes = tuple(sorted({labels.CLASS_IDS.index(i) for i in ids if i in labels.CLASS_IDS}))
+      subregions.append((k, classes))
+  return PriorRegions(RATE_REGIONS, tuple(subregions))
+
+
+def _blur(x: Array, sigma: float) -> Array:
+  """Separable Gaussian blur of [N, x, y, z] (voxels; zero padded)."""
+  radius = max(1, int(np.ceil(2.5 * sigma)))
+  taps = np.exp(-0.5 * (np.arange(-radius, radius + 1) / sigma) ** 2)
+  taps = jnp.asarray(taps / taps.sum(), jnp.float32)
+  for axis in (1, 2, 3):
+    pad = [(0, 0)] * 4
+    pad[axis] = (radius, radius)
+    padded = jnp.pad(x, pad)
+    n = x.shape[axis]
+    x = sum(taps[i] * jax.lax.slice_in_dim(padded, i, i + n, axis=axis)
+            for i in range(2 * radius + 1))
+  return x
+
+
+def _divergence(field: Array) -> Array:
+  """Central-difference divergence of [B, x, y, z, 3] (the Jacobian's stencil)."""
+  return sum(warp._central_diff(field[..., a], a + 1) for a in range(3))
+
+
+def _one(classes: Array, log_rates: Array, years: Array, regions: PriorRegions, factor: int,
+         newton_steps: int, num_squarings: int) -> Array:
+  """Prior velocity of one example: classes [X, Y, Z], log_rates [K] -> [X/f, Y/f, Z/f, 3]."""
+  shape = classes.shape
+  coarse = tuple(n // factor for n in shape)
+  masks = jnp.stack([jnp.isin(classes, jnp.asarray(ids, classes.dtype)).astype(jnp.float32)
+                     if ids else jnp.zeros(shape, jnp.float32)
+                     for _, ids in regions.subregions])                          # [J, X, Y, Z]
+  counts = masks.sum(axis=(1, 2, 3))
+  fine_index = [jnp.arange(n, dtype=jnp.float32) for n in shape]
+  centroid = jnp.stack([
+      (masks.sum(axis=tuple(b for b in (1, 2, 3) if b != a + 1)) * fine_index[a]).sum(-1)
+      / jnp.maximum(counts, 1.0) for a in range(3)], axis=-1)                   # [J, 3] fine
+  pooled = masks.reshape(len(masks), coarse[0], factor, coarse[1], factor, coarse[2],
+                         factor).mean(axis=(2, 4, 6))
+  window = jnp.clip(WINDOW_GAIN * _blur(pooled, 1.0), 0.0, 1.0)                # [J, x, y, z]
+  # Coarse voxel i is centred on fine coordinate f i + (f - 1) / 2.
+  grid = jnp.stack(jnp.meshgrid(*[jnp.arange(n, dtype=jnp.float32) * factor + (factor - 1) / 2
+                                  for n in coarse], indexing='ij'), axis=-1)  # [x, y, z, 3]
+  basis = window[..., None] * (grid[None] - centroid[:, None, None, None, :])  # [J, x,y,z,3]
+  fine = warp.upsample_field(basis, factor) if factor > 1 else basis
+  divergence = _divergence(fine)                                               # [J, X, Y, Z]
+  mean_over = lambda field: jnp.einsum('kxyz,...xyz->...k', masks, field) / jnp.maximum(
+      counts, 1.0)
+  gain = -mean_over(divergence).T                                              # [K=J, J]
+  target = log_rates[jnp.asarray([k for k, _ in regions.subregions])]
+  present = (counts > 0).astype(jnp.float32)
+  gain = gain * present[:, None] * present[None, :]
+  ridge = _RIDGE * jnp.maximum(jnp.mean(jnp.square(gain)), 1e-12) * len(present)
+  solve = lambda y: jnp.linalg.solve(gain.T @ gain + ridge * jnp.eye(len(present)),
+                                     gain.T @ (y * present))
+  coefficients = solve(target)
+  t = jnp.maximum(years, 0.1)[None]
+  for _ in range(newton_steps):  # Correct for what the first-order gain misses at `years`.
+    velocity = jnp.einsum('j,jxyzc->xyzc', coefficients, basis)
+    push = warp.integrate_velocity(-velocity[None], t, num_squarings, upsample_factor=factor)
+    realised = jnp.log(jnp.maximum(mean_over(warp.jacobian_determinant(push)[0]), 1e-6)) / t
+    coefficients = coefficients + solve(target - realised)
+  return jnp.einsum('j,jxyzc->xyzc', coefficients, basis)
+
+
+def prior_velocity(classes: Array, log_rates: Array, years: Array, regions: PriorRegions,
+                   factor: int, newton_steps: int = 2, num_squarings: int = 7) -> Array:
+  """Velocity `[B, X/f, Y/f, Z/f, 3]` (model-grid voxels / year) realising `log_rates`.
+
+  The first-order solve is exact for small changes; `newton_steps` corrections at each
+  example's interval `years` make the realised regional change match at that interval (large
+  ventricular growth otherwise falls ~6 % short per year of interval), so the field is
+  stationary for one horizon and re-solved per horizon by the Forecaster.
+
+  Args:
+    classes: `[B, X, Y, Z]` baseline class indices on the model grid (X divisible by f).
+    log_rates: `[B, K]` predicted annual log change per `regions.rate_regions` (1/year).
+    years: `[B]` interval (years) at which the regional change must be exact.
+    regions: `label_prior_regions()`.
+    factor: velocity grid downsize f.
+  """
+  fn = lambda c, y, t: _one(c, y.astype(jnp.float32), t.astype(jnp.float32), regions, factor,
+                            newton_steps, num_squarings)
+  return jax.lax.stop_gradient(jax.vmap(fn)(classes, log_rates, jnp.asarray(years)))

@@ -1,0 +1,328 @@
+"""Regional progression model: annual log-volume change per region from baseline observables.
+
+The prior knowledge of the generator (DESIGN.md) and an evaluation method of its own
+('regional_model'). Per region r, the annual log change of the volume,
+
+    y = log(V1 / V0) / t   (t: interval in years; compound rate = 100 (exp(y) - 1) %/year),
+
+is a ridge regression on the baseline covariates (diagnosis as MCI/AD indicators, age, sex,
+APOE4, MMSE, CDR-SB, education; a missing field is set to its training mean and flagged by an
+indicator) and the baseline anatomy: log(V / head size) of every region, with head size the
+intracranial volume (whole brain + CSF + lateral ventricles with label maps, brain + CSF with
+the tissue model), so the fractions measure atrophy whatever the head's size.
+
+Fitting (`fit`) handles the pairs of one subject together: each pair's weight is
+1 / (sigma_rate^2 + 2 sigma_meas^2 / t^2) (short intervals measure a rate less precisely),
+divided by the subject's number of pairs, so every subject counts about once. The two
+variances come from the residuals of a first fit, regressing squared residuals on [1, 1/t^2].
+Training rows are augmented with copies whose covariate fields are randomly masked
+(`DROPOUT`), so the missing-value indicators are learned, not guessed.
+
+Prediction: V1 = V0 exp(t y_hat); its predictive spread on the log scale is
+s(t) = sqrt(t^2 sigma_rate^2 + 2 sigma_meas^2), and the interval V0 exp(t y_hat +- q s(t))
+with q calibrated split-conformally on the validation pairs (`calibrate`) for `coverage`
+(90 % by default): the ceil((n + 1) coverage)-th smallest |score| of n validation pairs.
+"""
+
+import dataclasses
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from progression import cohort, covariates
+from progression.errors import ProgressionError
+from progression.evaluation import baselines
+
+HEAD_REGIONS = {'labels': ('whole_brain', 'csf', 'lateral_ventricles'),
+                'tissue': ('brain', 'csf')}
+COVARIATE_FEATURES = ('diagnosis_MCI', 'diagnosis_AD', 'age_years', 'sex_M', 'apoe4', 'mmse',
+                      'cdrsb', 'education_years')
+_FIELD_OF_FEATURE = {'diagnosis_MCI': 'diagnosis', 'diagnosis_AD': 'diagnosis',
+                     'sex_M': 'sex'}
+RIDGE = 1.0  # Penalty on standardised coefficients, relative to one subject's weight.
+DROPOUT = 0.15  # Probability a field is masked in each augmented copy of a training row.
+AUGMENT_COPIES = 3
+DEFAULT_COVERAGE = 0.9
+_Z90 = 1.6448536269514722  # Gaussian 90 % quantile: q before calibration.
+
+
+def head_size_ml(baseline_ml: Mapping[str, float], volume_method: str) -> float:
+  """Intracranial volume (mL) from a visit's regional volumes (see the module docstring)."""
+  try:
+    return float(sum(baseline_ml[r] for r in HEAD_REGIONS[volume_method]))
+  except KeyError as e:
+    raise ProgressionError(f'regional model: volumes lack region {e} needed for the head size '
+                           f'({volume_method})') from None
+
+
+def _raw_covariate_features(cov: covariates.Covariates) -> dict[str, float | None]:
+  dx = cov.diagnosis
+  return {'diagnosis_MCI': None if dx is None else float(dx == 'MCI'),
+          'diagnosis_AD': None if dx is None else float(dx == 'AD'),
+          'age_years': cov.age_years, 'sex_M': None if cov.sex is None else float(cov.sex == 'M'),
+          'apoe4': None if cov.apoe4 is None else float(cov.apoe4), 'mmse': cov.mmse,
+          'cdrsb': cov.cdrsb, 'education_years': cov.education_years}
+
+
+@dataclasses.dataclass(frozen=True)
+class RegionalModel:
+  """A fitted regional model (JSON-able through `to_dict` / `from_dict`).
+
+  Attributes:
+    volume_method: 'labels' or 'tissue' (how volumes were measured).
+    regions: predicted regions, in order; also the anatomy features (log fractions).
+    feature_names: covariate features, their '_missing' indicators, then 'logfrac_<region>'.
+    fill: covariate feature -> training mean used when the field is missing.
+    mean, scale: standardisation of each feature (training rows).
+    coefficients: region -> [intercept, *per standardised feature] (log change per year).
+    sigma_rate, sigma_meas: region -> residual sd of the annual log rate (1/year) and of one
+      visit's log volume (measurement; dimensionless).
+    conformal_q: region -> multiplier of the spread for `coverage` (validation-calibrated,
+      else the Gaussian quantile).
+    coverage: nominal coverage of `interval_ml`.
+    num_subjects: training subjects behind the fit.
+  """
+  volume_method: str
+  regions: tuple[str, ...]
+  feature_names: tuple[str, ...]
+  fill: dict[str, float]
+  mean: tuple[float, ...]
+  scale: tuple[float, ...]
+  coefficients: dict[str, tuple[float, ...]]
+  sigma_rate: dict[str, float]
+  sigma_meas: dict[str, float]
+  conformal_q: dict[str, float]
+  coverage: float
+  num_subjects: int
+
+  def features(self, cov: covariates.Covariates, baseline_ml: Mapping[str, float]
+               ) -> np.ndarray:
+    """Standardised feature vector `[len(feature_names)]` of one baseline."""
+    return (_feature_vector(cov, baseline_ml, self.regions, self.volume_method, self.fill)
+            - np.asarray(self.mean)) / np.asarray(self.scale)
+
+  def log_rates(self, cov: covariates.Covariates, baseline_ml: Mapping[str, float]
+                ) -> dict[str, float]:
+    """Predicted annual log change (1/year) per region."""
+    x = np.concatenate([[1.0], self.features(cov, baseline_ml)])
+    return {r: float(x @ np.asarray(self.coefficients[r])) for r in self.regions}
+
+  def rates_pct_per_year(self, cov: covariates.Covariates, baseline_ml: Mapping[str, float]
+                         ) -> dict[str, float]:
+    """Predicted compound annual change (signed %/year) per region."""
+    return {r: 100.0 * math.expm1(y) for r, y in self.log_rates(cov, baseline_ml).items()}
+
+  def spread(self, region: str, years: float) -> float:
+    """Predictive sd of log(V1 / V0) after `years`."""
+    return math.sqrt(years ** 2 * self.sigma_rate[region] ** 2
+                     + 2.0 * self.sigma_meas[region] ** 2)
+
+  def predict_volumes_ml(self, cov: covariates.Covariates, baseline_ml: Mapping[str, float],
+                         years: float) -> dict[str, float]:
+    """Follow-up volumes (mL) `years` after the baseline volumes `baseline_ml` (mL)."""
+    rates = self.log_rates(cov, baseline_ml)
+    return {r: float(baseline_ml[r]) * math.exp(years * rates[r]) for r in self.regions}
+
+  def interval_ml(self, cov: covariates.Covariates, baseline_ml: Mapping[str, float],
+                  years: float) -> dict[str, tuple[float, float]]:
+    """(lower, upper) follow-up volume (mL) per region, `coverage` prediction interval."""
+    rates = self.log_rates(cov, baseline_ml)
+    out = {}
+    for r in self.regions:
+      centre, half = years * rates[r], self.conformal_q[r] * self.spread(r, years)
+      out[r] = (float(baseline_ml[r]) * math.exp(centre - half),
+                float(baseline_ml[r]) * math.exp(centre + half))
+    return out
+
+  def to_dict(self) -> dict[str, Any]:
+    data = dataclasses.asdict(self)
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in data.items()}
+
+  @classmethod
+  def from_dict(cls, data: Mapping[str, Any]) -> 'RegionalModel':
+    try:
+      return cls(volume_method=str(data['volume_method']), regions=tuple(data['regions']),
+                 feature_names=tuple(data['feature_names']),
+                 fill={k: float(v) for k, v in data['fill'].items()},
+                 mean=tuple(float(v) for v in data['mean']),
+                 scale=tuple(float(v) for v in data['scale']),
+                 coefficients={r: tuple(float(c) for c in v)
+                               for r, v in data['coefficients'].items()},
+                 sigma_rate={r: float(v) for r, v in data['sigma_rate'].items()},
+                 sigma_meas={r: float(v) for r, v in data['sigma_meas'].items()},
+                 conformal_q={r: float(v) for r, v in data['conformal_q'].items()},
+                 coverage=float(data['coverage']), num_subjects=int(data['num_subjects']))
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+      raise ProgressionError(f'regional model: malformed dict ({type(e).__name__}: {e})'
+                             ) from None
+
+
+def _feature_vector(cov: covariates.Covariates, baseline_ml: Mapping[str, float],
+                    regions: Sequence[str], volume_method: str,
+                    fill: Mapping[str, float]) -> np.ndarray:
+  raw = _raw_covariate_features(cov)
+  values = [fill[f] if raw[f] is None else float(raw[f]) for f in COVARIATE_FEATURES]
+  fields = [f for f in covariates.FIELDS if f in _fields_used()]
+  missing = [float(getattr(cov, f) is None) for f in fields]
+  head = head_size_ml(baseline_ml, volume_method)
+  anatomy = [math.log(max(float(baseline_ml[r]), 1e-3) / max(head, 1e-3)) for r in regions]
+  return np.asarray(values + missing + anatomy, dtype=np.float64)
+
+
+def _fields_used() -> tuple[str, ...]:
+  return tuple(dict.fromkeys(_FIELD_OF_FEATURE.get(f, f) for f in COVARIATE_FEATURES))
+
+
+def _masked(cov: covariates.Covariates, rng: np.random.Generator) -> covariates.Covariates:
+  changes = {f: None for f in _fields_used() if rng.random() < DROPOUT}
+  return dataclasses.replace(cov, **changes)
+
+
+def fit(table: pd.DataFrame, pair_covariates: Sequence[covariates.Covariates],
+        volume_method: str, seed: int = 0) -> RegionalModel:
+  """Fits the model on training pairs.
+
+  Args:
+    table: `baselines.training_volume_table` rows (subject, region, interval_years,
+      baseline_ml, followup_ml; one row per pair x region, pairs in a fixed order).
+    pair_covariates: the baseline covariates of each pair, in the table's pair order.
+    volume_method: 'labels' or 'tissue'.
+    seed: seeds the covariate-dropout augmentation.
+
+  Raises:
+    ProgressionError: for an empty table or covariates not matching its pairs.
+  """
+  pairs = _pairs_wide(table)
+  if len(pairs) == 0:
+    raise ProgressionError('regional model: no training pairs with valid volumes')
+  if len(pair_covariates) != pairs.attrs['num_pairs']:
+    raise ProgressionError(f'regional model: {len(pair_covariates)} covariate rows for '
+                           f'{pairs.attrs["num_pairs"]} pairs')
+  regions = tuple(pairs.attrs['regions'])
+  covs = [pair_covariates[i] for i in pairs['pair']]
+  raw = [_raw_covariate_features(c) for c in covs]
+  fill = {f: float(np.mean([r[f] for r in raw if r[f] is not None] or [0.0]))
+          for f in COVARIATE_FEATURES}
+  rng = np.random.default_rng(seed)
+  rows, copies = [], []
+  for copy in range(1 + AUGMENT_COPIES):
+    for cov, baseline in zip(covs, pairs['baseline'].tolist()):
+      rows.append(_feature_vector(cov if copy == 0 else _masked(cov, rng), baseline, regions,
+                                  volume_method, fill))
+    copies.append(len(pairs))
+  x = np.stack(rows)
+  mean = x.mean(axis=0)
+  scale = np.where(x.std(axis=0) > 1e-9, x.std(axis=0), 1.0)
+  design = np.concatenate([np.ones((len(x), 1)), (x - mean) / scale], axis=1)
+  years = np.tile(pairs['years'].to_numpy(), 1 + AUGMENT_COPIES)
+  per_subject = pairs.groupby('subject')['pair'].transform('count').to_numpy()
+  share = np.tile(1.0 / per_subject, 1 + AUGMENT_COPIES) / (1 + AUGMENT_COPIES)
+  coefficients, sigma_rate, sigma_meas = {}, {}, {}
+  for region in regions:
+    y = np.tile(pairs[f'y_{region}'].to_numpy(), 1 + AUGMENT_COPIES)
+    beta = _ridge(design, y, share * years ** 2)
+    residual = (y - design @ beta)[:len(pairs)]
+    rate_var, meas_var = _variance_components(residual, pairs['years'].to_numpy())
+    beta = _ridge(design, y, share / (rate_var + 2.0 * meas_var / years ** 2))
+    residual = (y - design @ beta)[:len(pairs)]
+    rate_var, meas_var = _variance_components(residual, pairs['years'].to_numpy())
+    coefficients[region] = tuple(float(b) for b in beta)
+    sigma_rate[region], sigma_meas[region] = math.sqrt(rate_var), math.sqrt(meas_var)
+  names = (COVARIATE_FEATURES + tuple(f'{f}_missing' for f in _fields_used())
+           + tuple(f'logfrac_{r}' for r in regions))
+  return RegionalModel(volume_method=volume_method, regions=regions, feature_names=names,
+                       fill=fill, mean=tuple(float(m) for m in mean),
+                       scale=tuple(float(s) for s in scale), coefficients=coefficients,
+                       sigma_rate=sigma_rate, sigma_meas=sigma_meas,
+                       conformal_q={r: _Z90 for r in regions}, coverage=DEFAULT_COVERAGE,
+                       num_subjects=int(pairs['subject'].nunique()))
+
+
+def _ridge(design: np.ndarray, y: np.ndarray, weights: np.ndarray) -> np.ndarray:
+  """Weighted ridge solution; the intercept is not penalised; weights normalised to subjects."""
+  w = weights / weights.sum() * weights.size
+  gram = design.T @ (design * w[:, None])
+  penalty = RIDGE * np.eye(design.shape[1])
+  penalty[0, 0] = 0.0
+  return np.linalg.solve(gram + penalty, design.T @ (w * y))
+
+
+def _variance_components(residual: np.ndarray, years: np.ndarray) -> tuple[float, float]:
+  """(rate variance 1/year^2, one-visit log-volume variance) from annual-rate residuals.
+
+  E[residual^2] = sigma_rate^2 + 2 sigma_meas^2 / t^2: least squares on [1, 2/t^2], each
+  component floored at a small positive value.
+  """
+  basis = np.stack([np.ones_like(years), 2.0 / years ** 2], axis=1)
+  if len(np.unique(np.round(years, 6))) > 1:
+    solution = np.linalg.lstsq(basis, residual ** 2, rcond=None)[0]
+  else:
+    solution = np.array([np.mean(residual ** 2), 0.0])
+  floor = 1e-10 + 1e-3 * float(np.mean(residual ** 2))
+  return float(max(solution[0], floor)), float(max(solution[1], 1e-12))
+
+
+def _pairs_wide(table: pd.DataFrame) -> pd.DataFrame:
+  """One row per pair with valid volumes: pair index, subject, years, baseline dict, y_<r>."""
+  pair_ids = table.groupby(['subject', 'interval_years', 'baseline_ml'], sort=False).ngroup()
+  regions = list(pd.unique(table['region']))
+  per_pair = len(regions)
+  num_pairs = len(table) // per_pair
+  records = []
+  for i in range(num_pairs):
+    rows = table.iloc[i * per_pair:(i + 1) * per_pair]
+    baseline = dict(zip(rows['region'], rows['baseline_ml'].astype(float)))
+    followup = dict(zip(rows['region'], rows['followup_ml'].astype(float)))
+    years = float(rows['interval_years'].iloc[0])
+    if years <= 0 or any(baseline[r] <= 0 or followup[r] <= 0 for r in regions):
+      continue
+    records.append({'pair': i, 'subject': rows['subject'].iloc[0], 'years': years,
+                    'baseline': baseline,
+                    **{f'y_{r}': math.log(followup[r] / baseline[r]) / years for r in regions}})
+  del pair_ids
+  wide = pd.DataFrame.from_records(records)
+  wide.attrs.update(regions=regions, num_pairs=num_pairs)
+  return wide
+
+
+def calibrate(model: RegionalModel, table: pd.DataFrame,
+              pair_covariates: Sequence[covariates.Covariates],
+              coverage: float = DEFAULT_COVERAGE) -> RegionalModel:
+  """Split-conformal q per region on validation pairs (`fit`'s table and covariate layout).
+
+  The score of a pair is |log(V1 / V0) - t y_hat| / s(t); q is the ceil((n + 1) coverage)-th
+  smallest score (the largest when n is too small), which covers a new exchangeable pair
+  with probability >= coverage. Without validation pairs the model is returned unchanged.
+  """
+  pairs = _pairs_wide(table)
+  if len(pairs) == 0:
+    return model
+  q = {}
+  for region in model.regions:
+    scores = []
+    for _, row in pairs.iterrows():
+      cov = pair_covariates[int(row['pair'])]
+      predicted = row['years'] * model.log_rates(cov, row['baseline'])[region]
+      scores.append(abs(row['years'] * row[f'y_{region}'] - predicted)
+                    / model.spread(region, row['years']))
+    scores = np.sort(scores)
+    rank = min(len(scores), math.ceil((len(scores) + 1) * coverage))
+    q[region] = float(scores[rank - 1])
+  return dataclasses.replace(model, conformal_q=q, coverage=float(coverage))
+
+
+def fit_on_pairs(train: pd.DataFrame, val: pd.DataFrame, volume_method: str, seed: int = 0,
+                 progress=None) -> RegionalModel:
+  """Measures the pairs' volumes, fits on `train` and calibrates the intervals on `val`.
+
+  `train` and `val` are `cohort.make_pairs` tables (either may carry a progress bar through
+  `progress(done, total)` while their visits are measured).
+  """
+  def measured(pairs):
+    table = baselines.training_volume_table(pairs, volume_method, progress)
+    return table, [cohort.covariates_of(row) for row in pairs.to_dict('records')]
+  model = fit(*measured(train), volume_method, seed=seed)
+  return calibrate(model, *measured(val)) if len(val) else model

@@ -1,0 +1,93 @@
+"""Tests for progression.regional_model: known answers on constructed pairs."""
+
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from progression import covariates, regional_model
+from progression.errors import ProgressionError
+
+REGIONS = ('hippocampus', 'whole_brain', 'csf', 'lateral_ventricles')
+
+
+def _cohort(n_subjects: int, seed: int, noise: float = 0.0):
+  """Pairs whose annual log change is a known linear function of MMSE and hippocampal fraction."""
+  rng = np.random.default_rng(seed)
+  records, covs = [], []
+  for s in range(n_subjects):
+    dx = ('CN', 'MCI', 'AD')[s % 3]
+    mmse = float(rng.integers(18, 31))
+    hippocampus = rng.uniform(5.0, 9.0)
+    baseline = {'hippocampus': hippocampus, 'whole_brain': 1100.0, 'csf': 300.0,
+                'lateral_ventricles': 30.0}
+    rate = -0.01 - 0.004 * (30 - mmse) + 0.02 * (math.log(hippocampus / 1430.0) + 5.3)
+    for years in (1.0, 2.0):
+      followup = {r: v * math.exp(years * (rate if r == 'hippocampus' else -0.005))
+                  * math.exp(noise * rng.normal()) for r, v in baseline.items()}
+      records += [{'subject': f's{s}', 'diagnosis': dx, 'age_years': 70.0,
+                   'interval_years': years, 'region': r, 'baseline_ml': baseline[r],
+                   'followup_ml': followup[r]} for r in REGIONS]
+      covs.append(covariates.Covariates(age_years=70.0, sex='F', diagnosis=dx, mmse=mmse))
+  return pd.DataFrame(records), covs
+
+
+def test_recovers_a_known_linear_rate():
+  table, covs = _cohort(60, seed=0)
+  model = regional_model.fit(table, covs, 'labels')
+  baseline = {'hippocampus': 6.0, 'whole_brain': 1100.0, 'csf': 300.0,
+              'lateral_ventricles': 30.0}
+  cov = covariates.Covariates(age_years=70.0, sex='F', diagnosis='MCI', mmse=24.0)
+  truth = -0.01 - 0.004 * 6 + 0.02 * (math.log(6.0 / 1430.0) + 5.3)
+  assert model.log_rates(cov, baseline)['hippocampus'] == pytest.approx(truth, abs=2e-3)
+  assert model.log_rates(cov, baseline)['whole_brain'] == pytest.approx(-0.005, abs=1e-3)
+  predicted = model.predict_volumes_ml(cov, baseline, 2.0)['hippocampus']
+  assert predicted == pytest.approx(6.0 * math.exp(2.0 * truth), rel=5e-3)
+  restored = regional_model.RegionalModel.from_dict(model.to_dict())
+  assert restored.log_rates(cov, baseline) == model.log_rates(cov, baseline)
+
+
+def test_missing_fields_are_learned_and_predicted():
+  table, covs = _cohort(60, seed=1)
+  model = regional_model.fit(table, covs, 'labels')
+  assert 'mmse_missing' in model.feature_names
+  baseline = {'hippocampus': 6.0, 'whole_brain': 1100.0, 'csf': 300.0,
+              'lateral_ventricles': 30.0}
+  low = model.log_rates(covariates.Covariates(diagnosis='AD', mmse=19.0), baseline)
+  missing = model.log_rates(covariates.Covariates(diagnosis='AD'), baseline)
+  high = model.log_rates(covariates.Covariates(diagnosis='AD', mmse=30.0), baseline)
+  assert low['hippocampus'] < missing['hippocampus'] < high['hippocampus']
+
+
+def test_conformal_intervals_cover_new_pairs():
+  train, train_covs = _cohort(90, seed=2, noise=0.01)
+  val, val_covs = _cohort(90, seed=3, noise=0.01)
+  model = regional_model.calibrate(regional_model.fit(train, train_covs, 'labels'), val,
+                                   val_covs, coverage=0.9)
+  test, test_covs = _cohort(150, seed=4, noise=0.01)
+  hits = []
+  for i, cov in enumerate(test_covs):
+    rows = test.iloc[i * len(REGIONS):(i + 1) * len(REGIONS)]
+    baseline = dict(zip(rows.region, rows.baseline_ml))
+    low, high = model.interval_ml(cov, baseline, rows.interval_years.iloc[0])['hippocampus']
+    hits.append(low <= rows.followup_ml.iloc[0] <= high)
+  assert 0.84 <= np.mean(hits) <= 0.97
+
+
+def test_variance_components_against_a_constructed_case():
+  years = np.array([1.0, 2.0, 1.0, 2.0] * 500)
+  rng = np.random.default_rng(0)
+  residual = (rng.normal(0, 0.01, years.size)
+              + (rng.normal(0, 0.02, years.size) - rng.normal(0, 0.02, years.size)) / years)
+  rate_var, meas_var = regional_model._variance_components(residual, years)
+  assert math.sqrt(rate_var) == pytest.approx(0.01, rel=0.25)
+  assert math.sqrt(meas_var) == pytest.approx(0.02, rel=0.1)
+
+
+def test_bad_inputs():
+  table, covs = _cohort(6, seed=0)
+  with pytest.raises(ProgressionError, match='covariate rows'):
+    regional_model.fit(table, covs[:-1], 'labels')
+  with pytest.raises(ProgressionError, match='malformed'):
+    regional_model.RegionalModel.from_dict({'regions': []})
