@@ -66,7 +66,8 @@ def test_model_classes_ordered_by_mean():
 
 
 def _voxel_em(x, iterations=3000):
-  """Reference: plain EM over every voxel value (what the histogram EM approximates)."""
+  """Reference: plain EM over every voxel value, one std shared by the classes (what the
+  histogram EM approximates)."""
   lo, mid, hi = np.quantile(x, [1 / 6, 1 / 2, 5 / 6])
   means, stds, weights = np.array([lo, mid, hi]), np.full(3, (hi - lo) / 4), np.full(3, 1 / 3)
   for _ in range(iterations):
@@ -74,7 +75,7 @@ def _voxel_em(x, iterations=3000):
     resp = dens / dens.sum(axis=1, keepdims=True)
     nk = resp.sum(axis=0)
     weights, means = nk / nk.sum(), (resp * x[:, None]).sum(axis=0) / nk
-    stds = np.sqrt((resp * (x[:, None] - means) ** 2).sum(axis=0) / nk)
+    stds = np.full(3, np.sqrt((resp * (x[:, None] - means) ** 2).sum() / nk.sum()))
   return means, stds, weights
 
 
@@ -111,20 +112,70 @@ def test_brain_mask_includes_csf_and_ventricles():
   image, truth = _phantom(noise=0.1)
   mask = tissue.brain_mask(image)
   assert mask.dtype == bool
-  assert _dice(mask, truth > 0, True) > 0.95
+  # Every tissue voxel, nothing outside the ball, and the CSF within the 2-voxel margin of
+  # the tissue: measured 70 % of the 2-voxel outer CSF shell (Dice 0.939 with the ball).
+  assert not np.any(mask & (truth == 0))
+  assert np.all(mask[truth >= tissue.GM])
+  assert np.mean(mask[truth == tissue.CSF]) > 0.65
+  assert _dice(mask, truth > 0, True) > 0.93
   assert mask[16, 16, 16]  # ventricle (dark, interior) is filled in
-  assert not mask[0, 0, 0]
-  # With the automatic mask the whole pipeline still segments well (measured: CSF 0.865,
-  # GM 0.960, WM 0.972; the 2-voxel outer CSF shell loses part of its rim to the mask).
+  # With the automatic mask the whole pipeline still segments well (measured: CSF 0.805,
+  # GM 0.958, WM 0.969; the outer CSF shell loses part of its rim to the mask).
   seg = tissue.segment_tissue(image)
-  assert _dice(seg, truth, tissue.CSF) > 0.8
+  assert _dice(seg, truth, tissue.CSF) > 0.78
   assert _dice(seg, truth, tissue.GM) > 0.9
   assert _dice(seg, truth, tissue.WM) > 0.9
-  # An explicit threshold between GM and WM keeps the WM ball, its enclosed ventricle and
-  # nucleus filled in.
-  wm_mask = tissue.brain_mask(image, threshold=0.75, closing_radius_vox=0)
+  # An explicit threshold between GM and WM and no CSF margin keep the WM ball, its enclosed
+  # ventricle and nucleus filled in.
+  wm_mask = tissue.brain_mask(image, threshold=0.75, closing_radius_vox=0, margin_vox=0)
   radius = np.sqrt(((np.mgrid[:32, :32, :32] - 15.5) ** 2).sum(axis=0))
   assert _dice(wm_mask, radius < 9, True) > 0.9
+
+
+def _phantom_head(shape=(64, 72, 64), voxel_mm=3.0, seed=0):
+  """(T1w image, label map) of a simulated subject's baseline with skull and scalp."""
+  synthetic = pytest.importorskip('progression.synthetic')
+  plan = synthetic.plan_cohort(1, 1, seed=seed)[0]
+  (baseline,) = synthetic.simulate_subject(plan, shape, voxel_mm, seed=seed)
+  return baseline['image'].astype(np.float64), baseline['labels']
+
+
+@pytest.mark.parametrize('seed', [0, 1])
+def test_brain_volume_of_a_head_with_skull_and_scalp(seed):
+  """The tissue model's brain (GM + WM) of a phantom head is the label map's whole brain.
+
+  The phantom's head is at real size (192 x 216 x 192 mm field of view at 3 mm): scalp
+  (bright), skull (dark), CSF, brain. Measured: -0.35 to -0.8 % with the automatic mask at
+  3 mm (-0.06 to -0.3 % at 2 mm), -0.2 to +0.1 % with the label map's mask; the old mask
+  (threshold above the background) kept the scalp: +41 to +48 %.
+  """
+  from progression import labels
+  from progression.evaluation import baselines, volumes
+  image, label_map = _phantom_head(seed=seed)
+  voxel_ml = 3.0 ** 3 / 1000.0
+  truth_ml = volumes.regional_volumes_ml(label_map, voxel_ml)['whole_brain']
+  mask = tissue.brain_mask(image)
+  inside = label_map > 0  # intracranial: brain and CSF
+  scalp = ~inside & (image > 400)  # bright outside the skull (WM ~1000, skull ~100)
+  assert scalp.sum() > 1000 and not np.any(mask & scalp)
+  assert np.mean(mask[~inside]) < 0.01
+  assert np.mean(mask[np.isin(label_map, labels.REGIONS['whole_brain'])]) > 0.995
+  for mask in (mask, tissue.brain_mask(image, labels=label_map)):
+    seg = tissue.segment_tissue(image, mask)
+    brain_ml = volumes.regional_volumes_ml(seg, voxel_ml, regions=baselines.TISSUE_REGIONS)['brain']
+    assert brain_ml == pytest.approx(truth_ml, rel=0.03)
+
+
+def test_brain_mask_from_labels_and_its_errors():
+  label_map = np.zeros((8, 8, 8), np.int32)
+  label_map[2:6, 2:6, 2:6] = 24
+  label_map[3:5, 3:5, 3:5] = 2
+  image = np.random.default_rng(0).random((8, 8, 8))
+  np.testing.assert_array_equal(tissue.brain_mask(image, labels=label_map), label_map > 0)
+  with pytest.raises(ProgressionError, match='label map shape'):
+    tissue.brain_mask(image, labels=label_map[:-1])
+  with pytest.raises(ProgressionError, match='no labelled voxel'):
+    tissue.brain_mask(image, labels=np.zeros_like(label_map))
 
 
 def test_otsu_thresholds_known_modes():

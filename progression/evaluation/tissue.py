@@ -3,11 +3,22 @@
 So that a predicted and a real follow-up are measured by the SAME method when no label maps
 exist, this module segments any T1-like `[x, y, z]` image into three tissues:
 
-1. `brain_mask`: smoothed multi-level Otsu threshold, largest connected component, closing and
-   hole filling.
-2. `fit_tissue_model`: a 3-class Gaussian mixture of the intensities inside the mask, fitted by
-   EM from intensity-quantile initial means; classes are ordered by mean, so for T1 contrast
-   class 1 = CSF (darkest), 2 = GM, 3 = WM (brightest).
+1. `brain_mask`: the intracranial region (brain and the CSF around it), without skull and
+   scalp. From a label map when one is given (`labels > 0`, any session's on this grid);
+   otherwise from the image: head = smoothed image above the background, tissue = head above
+   the dark (skull, CSF) / tissue threshold, an opening that cuts the bright scalp from the
+   brain across the dark skull, the component deepest inside the head, a margin of dark CSF
+   around it, hole filling (ventricles). Made for T1 images whose brain is separated from
+   the scalp by dark skull and CSF (as the project's phantom's, and most T1w scans); for
+   heads where that fails, give a skull-stripped image or a label map.
+2. `fit_tissue_model`: a 3-class Gaussian mixture of the intensities inside the mask with ONE
+   shared standard deviation, fitted by EM from intensity-quantile initial means; classes
+   are ordered by mean, so for T1 contrast class 1 = CSF (darkest), 2 = GM, 3 = WM
+   (brightest). Partial-volume voxels widen the GM class; with a class-specific spread the
+   CSF / GM boundary would move towards CSF and hard GM counts would take voxels that are
+   mostly CSF (measured on the phantom: brain +2-5 % with the true intracranial mask). A
+   shared spread puts the boundaries near the midpoints between class means, where a voxel is
+   half one tissue and half the other, so voxel counts follow partial volumes (+-0.3 %).
 3. `tissue_probabilities` / `segment_tissue`: posteriors with a spatial smoothing prior
    ("MRF-lite"): for a few iterations, each class posterior is smoothed with a Gaussian of
    `smoothing_sigma_vox` voxels, renormalised across classes and used as the voxel's prior.
@@ -34,7 +45,8 @@ class TissueModel:
 
   Attributes:
     means: per-class mean intensity (image units).
-    stds: per-class standard deviation (image units).
+    stds: per-class standard deviation (image units; equal when fitted by
+      `fit_tissue_model`, which shares one spread between classes).
     weights: per-class mixing proportion (sums to 1).
   """
   means: tuple[float, float, float]
@@ -43,45 +55,107 @@ class TissueModel:
 
 
 def brain_mask(image: np.ndarray, threshold: float | None = None,
-               smoothing_sigma_vox: float = 1.0, closing_radius_vox: int = 1) -> np.ndarray:
-  """Brain (foreground incl. CSF) mask of a skull-stripped T1-like image, `[x, y, z]` bool.
+               smoothing_sigma_vox: float = 1.0, closing_radius_vox: int = 1,
+               opening_radius_vox: int = 2, margin_vox: int = 2,
+               labels: np.ndarray | None = None) -> np.ndarray:
+  """Intracranial mask (brain and CSF, without skull and scalp), `[x, y, z]` bool.
 
-  The image is smoothed with a Gaussian of `smoothing_sigma_vox` voxels (suppresses noise in
-  the dark background and CSF), thresholded at `threshold` (default: the lowest of three
-  multi-level Otsu thresholds, which for a background/CSF/GM/WM image separates the background
-  from CSF; see `otsu_thresholds`), reduced to its largest 26-connected component, closed with
-  a ball of `closing_radius_vox` voxels (bridges thin dark gaps such as sulci) and hole-filled
-  (ventricles). For a head image with skull and scalp, pass an explicit `threshold` or a mask.
+  With `labels` (a label map on this image's grid; any session's of the subject once it is
+  on this grid) the mask is `labels > 0`. Otherwise, from the image:
+  1. smooth with a Gaussian of `smoothing_sigma_vox` voxels (noise in the dark background,
+     skull and CSF);
+  2. head = the largest 26-connected component above the lowest of four multi-level Otsu
+     thresholds (background / dark / GM / WM), closed as in step 5, holes filled;
+  3. tissue = head voxels above `threshold` (default: the lowest of three Otsu thresholds
+     of the head's voxels, between dark skull / CSF and GM);
+  4. opening: tissue eroded by a ball of `opening_radius_vox` voxels cuts thin bridges
+     (scalp across the skull); the eroded component with the largest summed depth inside the
+     head (distance to its surface) is the brain: the scalp is a thin shell at the head's
+     surface, so it loses even when it is larger; dilated back and cut to tissue;
+  5. the dark voxels (CSF) within `margin_vox` voxels of that brain tissue are added, the
+     mask is closed with a ball of `closing_radius_vox` voxels and its holes filled
+     (ventricles).
+  On a skull-stripped image step 4 keeps the whole brain and step 5 adds the CSF rim.
 
   Args:
-    image: `[x, y, z]` intensities (any unit; background near the minimum).
-    threshold: intensity (image units) above which a smoothed voxel is foreground.
+    image: `[x, y, z]` T1-like intensities (any unit; background near the minimum).
+    threshold: intensity (image units) above which a smoothed head voxel is tissue.
     smoothing_sigma_vox: pre-threshold smoothing in voxels; 0 disables it.
-    closing_radius_vox: radius of the closing ball in voxels; 0 disables it.
+    closing_radius_vox: radius of the final closing ball in voxels; 0 disables it.
+    opening_radius_vox: radius of the opening ball in voxels; 0 disables the opening.
+    margin_vox: width (voxels) of the dark rim kept around the brain tissue; 0 keeps none.
+    labels: optional `[x, y, z]` integer label map on the image's grid.
 
   Raises:
-    ProgressionError: for a non-3D, non-finite or constant image, or when nothing exceeds the
-      threshold.
+    ProgressionError: for a non-3D, non-finite or constant image, a label map of another
+      shape or without labels, or when no brain is found (then give a skull-stripped image
+      or a label map).
   """
   image = _check_image(image)
+  if labels is not None:
+    labels = np.asarray(labels)
+    if labels.shape != image.shape:
+      raise ProgressionError(f'brain_mask: label map shape {labels.shape} does not match image '
+                             f'shape {image.shape}; resample it onto the image grid first')
+    if not np.any(labels > 0):
+      raise ProgressionError('brain_mask: the label map has no labelled voxel')
+    return labels > 0
   smooth = ndimage.gaussian_filter(image, smoothing_sigma_vox) if smoothing_sigma_vox > 0 else image
+  head = _largest_component(smooth > otsu_thresholds(smooth, classes=4)[0])
+  head = ndimage.binary_fill_holes(_closing(head, closing_radius_vox))
   if threshold is None:
-    threshold = otsu_thresholds(smooth, classes=4)[0]
-  fg = smooth > threshold
-  if not fg.any():
+    threshold = otsu_thresholds(smooth[head], classes=3)[0]
+  tissue_voxels = head & (smooth > threshold)
+  if not tissue_voxels.any():
     raise ProgressionError(f'brain_mask: no voxel above threshold {threshold:.4g}')
-  comps, n = ndimage.label(fg, structure=np.ones((3, 3, 3), bool))
-  if n > 1:
-    sizes = np.bincount(comps.ravel())
-    sizes[0] = 0
-    fg = comps == int(np.argmax(sizes))
-  if closing_radius_vox > 0:
-    r = int(closing_radius_vox)
-    grid = np.mgrid[-r:r + 1, -r:r + 1, -r:r + 1]
-    ball = (grid ** 2).sum(axis=0) <= r * r
-    # Pad so the closing is not clipped at the volume border.
-    fg = ndimage.binary_closing(np.pad(fg, r), structure=ball)[r:-r, r:-r, r:-r]
-  return ndimage.binary_fill_holes(fg)
+  r = int(opening_radius_vox)
+  core = ndimage.binary_erosion(tissue_voxels, _ball(r)) if r > 0 else tissue_voxels
+  depth = ndimage.distance_transform_cdt(np.pad(head, 1), metric='taxicab')[1:-1, 1:-1, 1:-1]
+  core = _deepest_component(core, depth)
+  if core is None or np.count_nonzero(core) < _MIN_VOXELS:
+    raise ProgressionError(
+        'brain_mask: found no brain inside the head (skull and scalp could not be separated '
+        'from it); give a skull-stripped image or a label map (labels > 0 is the mask)')
+  brain = (ndimage.binary_dilation(core, _ball(r)) & tissue_voxels) if r > 0 else core
+  mask = brain
+  if margin_vox > 0:
+    rim = ndimage.binary_dilation(brain, _ball(int(margin_vox))) & head & ~tissue_voxels
+    mask = brain | rim
+  return ndimage.binary_fill_holes(_closing(mask, closing_radius_vox))
+
+
+def _closing(mask: np.ndarray, radius_vox: int) -> np.ndarray:
+  """Binary closing with a ball, padded so it is not clipped at the volume border."""
+  c = int(radius_vox)
+  if c <= 0:
+    return mask
+  return ndimage.binary_closing(np.pad(mask, c), structure=_ball(c))[c:-c, c:-c, c:-c]
+
+
+def _ball(radius_vox: int) -> np.ndarray:
+  grid = np.mgrid[-radius_vox:radius_vox + 1, -radius_vox:radius_vox + 1,
+                  -radius_vox:radius_vox + 1]
+  return (grid ** 2).sum(axis=0) <= radius_vox * radius_vox
+
+
+def _largest_component(mask: np.ndarray) -> np.ndarray:
+  """The largest 26-connected component of a bool mask (the mask itself if it has one)."""
+  comps, n = ndimage.label(mask, structure=np.ones((3, 3, 3), bool))
+  if n <= 1:
+    return mask
+  sizes = np.bincount(comps.ravel())
+  sizes[0] = 0
+  return comps == int(np.argmax(sizes))
+
+
+def _deepest_component(mask: np.ndarray, depth: np.ndarray) -> np.ndarray | None:
+  """The 26-connected component of `mask` with the largest summed `depth`; None if empty."""
+  comps, n = ndimage.label(mask, structure=np.ones((3, 3, 3), bool))
+  if n == 0:
+    return None
+  score = np.bincount(comps.ravel(), weights=depth.ravel().astype(np.float64))
+  score[0] = -1.0
+  return comps == int(np.argmax(score))
 
 
 def otsu_thresholds(values: np.ndarray, classes: int = 2, bins: int = 64) -> tuple[float, ...]:
@@ -120,17 +194,18 @@ def otsu_thresholds(values: np.ndarray, classes: int = 2, bins: int = 64) -> tup
 
 def fit_tissue_model(image: np.ndarray, mask: np.ndarray, max_iterations: int = 2000,
                      tol: float = 1e-10, bins: int = 1024) -> TissueModel:
-  """Fits a 3-class Gaussian mixture to the intensities inside `mask` by EM.
+  """Fits a 3-class Gaussian mixture with one shared std to the intensities inside `mask` by EM.
 
-  EM runs on a `bins`-bin histogram of the masked intensities (each bin centre weighted by
-  its count): the same fixed point as EM on the voxels up to the bin width (range / bins),
+  The classes share their standard deviation (see the module doc: hard counts then follow
+  partial volumes). EM runs on a `bins`-bin histogram of the masked intensities (each bin
+  centre weighted by its count): the same fixed point as EM on the voxels up to the bin width (range / bins),
   but each iteration costs `bins` instead of one step per voxel (a 1.5 mm brain has ~1M).
   Initial means are the 1/6, 1/2 and 5/6 intensity quantiles, initial stds a quarter of the
-  inter-quantile spread, weights equal. Stds are floored at 1e-3 of the intensity range so a
-  class cannot collapse. Iterates until the mean log-likelihood improves by < `tol`.
+  inter-quantile spread, weights equal. The std is floored at 1e-3 of the intensity range.
+  Iterates until the mean log-likelihood improves by < `tol`.
 
   Returns:
-    `TissueModel` with classes sorted by mean (CSF, GM, WM for T1).
+    `TissueModel` with classes sorted by mean (CSF, GM, WM for T1) and equal stds.
 
   Raises:
     ProgressionError: on shape mismatch, too few mask voxels, or constant intensities.
@@ -158,8 +233,8 @@ def fit_tissue_model(image: np.ndarray, mask: np.ndarray, max_iterations: int = 
     nk = resp.sum(axis=0) + 1e-12
     weights = nk / nk.sum()
     means = (resp * centers).sum(axis=0) / nk
-    stds = np.sqrt((resp * (centers - means) ** 2).sum(axis=0) / nk)
-    stds = np.maximum(stds, floor)
+    pooled = np.sqrt((resp * (centers - means) ** 2).sum() / nk.sum())
+    stds = np.full(3, max(float(pooled), floor))
     loglik = float((counts * log_norm).sum() / counts.sum())
     if loglik - previous < tol:
       break
@@ -177,8 +252,8 @@ def tissue_probabilities(image: np.ndarray, mask: np.ndarray | None = None,
 
   Args:
     image: `[x, y, z]` T1-like image (any intensity unit).
-    mask: `[x, y, z]` bool region to segment; default `brain_mask(image)`, which suits
-      skull-stripped images only (with skull and scalp, pass a mask, e.g. labels > 0).
+    mask: `[x, y, z]` bool region to segment; default `brain_mask(image)` (with a label
+      map, pass `brain_mask(image, labels=...)`).
     model: intensity model; default `fit_tissue_model(image, mask)`.
     smoothing_sigma_vox: Gaussian sigma (voxels) of the spatial prior; 0 disables it.
     iterations: rounds of (smooth posteriors -> prior -> posterior); 0 = plain mixture.
