@@ -13,7 +13,9 @@ Outputs (`Forecast`) are on the *input's* grid and affine, in the file's own vox
   * `displacement`: u in world mm (RAS+ components), `[x, y, z, 3]`; 0 outside the model grid;
   * `jacobian`: local volume ratio follow-up / baseline of the tissue at each *baseline*
     position (det of the push-forward exp(-t·v)); < 1 is shrinkage; 1 outside the model grid;
-  * `labels`: the baseline label map carried forward (nearest neighbour), when given;
+  * `labels`: the baseline label map warped through its linearly interpolated one-hot
+    probabilities, each voxel's label drawn by a fixed dither (`_warp_labels`), so label
+    volumes follow the Jacobian-integrated ones; when given;
   * `volumes_ml`: predicted regional volumes (mL), the Jacobian integrated over the baseline
     label map (tensor-based morphometry) or, without labels, over a CSF/GM/WM segmentation
     of the baseline made by `evaluation.tissue`;
@@ -354,21 +356,89 @@ def _warp_input(sampled, image, label_map, grid_to_input, grid_mm):
     grid_mm: 3x3 model-grid voxel vectors -> world mm.
   Returns:
     predicted image, pull-back displacement `[X, Y, Z, 3]` (world mm), det Jacobian (1
-    outside the model grid) and carried-forward labels (or None).
+    outside the model grid) and warped labels (`_warp_labels`; or None).
   """
   index = _voxel_index(image.shape)
   shift = jnp.einsum('ab,b...->a...', grid_to_input, sampled[:3])
   source = [index[a] + shift[a] for a in range(3)]
   predicted = _sample(image[None], source, order=1)[0]
-  labels = None if label_map is None else _sample(label_map[None], source, order=0)[0]
+  labels = None if label_map is None else _warp_labels(label_map, source)
   displacement_mm = jnp.einsum('ab,b...->...a', grid_mm, sampled[:3])
   return predicted, displacement_mm, 1.0 + sampled[3], labels
+
+
+# R3 low-discrepancy constants 1/g, 1/g^2, 1/g^3 (g: the plastic number's 3D root), as the
+# phantom's label dither (`phantom.label_threshold`).
+_R3 = tuple(1.2207440846057596 ** -p for p in (1, 2, 3))
+
+
+def _warp_labels(label_map, source):
+  """The label map warped through its linearly interpolated one-hot probabilities (jitted).
+
+  The warped probability of label L at a voxel is the trilinear interpolation of the one-hot
+  map of L at the voxel's source position, i.e. the summed weight of the 8 surrounding
+  voxels that carry L. Taking the arg-max of those probabilities (or the nearest neighbour)
+  changes a voxel only once a boundary has moved past its centre: atrophy of a few % moves
+  boundaries by a fraction of a voxel, so the label map showed no change at all. Instead the
+  label is drawn from those probabilities by a fixed low-discrepancy dither u(x) in [0, 1)
+  (the R3 sequence over voxel indices): corner k of the 8 (fixed order) is taken when the
+  cumulative weight of corners 0..k first exceeds u(x). So the expected voxel count of each
+  label is its warped probability mass, which follows the Jacobian-integrated volume, and
+  neighbouring boundary voxels flip at evenly spread displacements instead of together. An
+  unmoved voxel (all weight on one corner) keeps its label; so does every voxel at 0 years.
+  Memory is that of one trilinear sample: no array per label.
+
+  Args:
+    label_map: `[X, Y, Z]` int labels.
+    source: 3 arrays `[X, Y, Z]`: fractional source voxel coordinates (pull-back).
+  Returns:
+    `[X, Y, Z]` warped labels (label_map's dtype).
+  """
+  shape = label_map.shape
+  index = _voxel_index(shape)
+  dither = (0.5 + sum(c * i for c, i in zip(_R3, index))) % 1.0
+  flat = label_map.reshape(-1)
+  corners, weights = _trilinear_corners(source, shape)
+  threshold = dither * sum(weights)  # the weights sum to 1 up to rounding
+  cumulative = 0.0
+  chosen, taken = None, None
+  for corner, weight in zip(corners, weights):
+    cumulative = cumulative + weight
+    value = jnp.take(flat, corner)
+    if chosen is None:
+      chosen, taken = value, threshold < cumulative
+    else:  # Corners after the first one whose cumulative weight passes the threshold.
+      chosen = jnp.where(taken, chosen, value)
+      taken = taken | (threshold < cumulative)
+  return chosen
 
 
 def _voxel_index(shape: Sequence[int]) -> list[jax.Array]:
   """Voxel indices along each axis, broadcastable to `shape` (float32)."""
   return [jnp.arange(n, dtype=jnp.float32).reshape([-1 if a == b else 1 for b in range(3)])
           for a, n in enumerate(shape)]
+
+
+def _trilinear_corners(coords: Sequence[jax.Array], sizes: Sequence[int]
+                       ) -> tuple[list[jax.Array], list[jax.Array]]:
+  """Flat indices and trilinear weights of the 8 voxels around fractional coordinates.
+
+  Coordinates clamp to the grid (edge values). Corners come in the order (i, j, k) =
+  (0, 0, 0), (0, 0, 1), ..., (1, 1, 1) of offsets along x, y, z.
+  """
+  lower, fraction = [], []
+  for c, n in zip(coords, sizes):
+    c = jnp.clip(c, 0, n - 1)
+    c0 = jnp.minimum(jnp.floor(c), n - 2)
+    lower.append(c0.astype(jnp.int32))
+    fraction.append(c - c0)
+  base = (lower[0] * sizes[1] + lower[1]) * sizes[2] + lower[2]
+  corners, weights = [], []
+  for i, j, k in ((i, j, k) for i in (0, 1) for j in (0, 1) for k in (0, 1)):
+    weights.append((fraction[0] if i else 1 - fraction[0]) * (fraction[1] if j else 1 - fraction[1])
+                   * (fraction[2] if k else 1 - fraction[2]))
+    corners.append(base + (i * sizes[1] + j) * sizes[2] + k)
+  return corners, weights
 
 
 def _sample(values: jax.Array, coords: Sequence[jax.Array], order: int) -> jax.Array:
@@ -381,18 +451,10 @@ def _sample(values: jax.Array, coords: Sequence[jax.Array], order: int) -> jax.A
   if order == 0:
     near = [jnp.clip(jnp.round(c), 0, n - 1).astype(jnp.int32) for c, n in zip(coords, sizes)]
     return jnp.take(flat, (near[0] * sizes[1] + near[1]) * sizes[2] + near[2], axis=1)
-  lower, fraction = [], []
-  for c, n in zip(coords, sizes):
-    c = jnp.clip(c, 0, n - 1)
-    c0 = jnp.minimum(jnp.floor(c), n - 2)
-    lower.append(c0.astype(jnp.int32))
-    fraction.append(c - c0)
-  base = (lower[0] * sizes[1] + lower[1]) * sizes[2] + lower[2]
+  corners, weights = _trilinear_corners(coords, sizes)
   out = 0.0
-  for i, j, k in ((i, j, k) for i in (0, 1) for j in (0, 1) for k in (0, 1)):
-    weight = ((fraction[0] if i else 1 - fraction[0]) * (fraction[1] if j else 1 - fraction[1])
-              * (fraction[2] if k else 1 - fraction[2]))
-    out = out + weight * jnp.take(flat, base + (i * sizes[1] + j) * sizes[2] + k, axis=1)
+  for corner, weight in zip(corners, weights):
+    out = out + weight * jnp.take(flat, corner, axis=1)
   return out
 
 
