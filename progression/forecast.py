@@ -142,16 +142,25 @@ class Forecaster:
                None if regional is None else regional_model.RegionalModel.from_dict(regional))
 
   def prepare(self, baseline: ImageLike, labels: ImageLike | None = None) -> Subject:
-    """Loads and checks a baseline (and its labels on the same grid); puts it on the model grid."""
+    """Loads and checks a baseline (and its labels on the same grid); puts it on the model grid.
+
+    Warns once (naming the file) when the brain reaches beyond the model grid: the label
+    map's brain (labels > 0 but extracerebral CSF), else the tissue model's GM and WM.
+    """
     image = as_volume(baseline, io.load_image)
     label_map = None if labels is None else as_volume(labels, io.load_labels)
     if label_map is not None:
       _check_same_grid(image, label_map)
     gridded = preprocess.to_grid(image, self.grid, labels=label_map)
     if label_map is not None:
+      brain = (label_map.data != labels_lib.BACKGROUND) & (label_map.data != labels_lib.CSF)
+      preprocess.warn_if_brain_outside_grid(brain, image, self.grid, gridded.affine,
+                                            'brain (label map)')
       return Subject(image, label_map, gridded, label_map.data,
                      volumes.default_regions(), 'labels')
     seg = tissue.segment_tissue(image.data)
+    preprocess.warn_if_brain_outside_grid(seg >= tissue.GM, image, self.grid, gridded.affine,
+                                          'brain (tissue model GM + WM)')
     return Subject(image, None, gridded, seg, dict(TISSUE_CLASSES), 'tissue')
 
   @property
@@ -464,12 +473,14 @@ def as_volume(value: ImageLike, loader) -> io.Volume:
     return value
   if isinstance(value, nib.spatialimages.SpatialImage):
     data = np.asarray(value.dataobj)
+    path = value.get_filename()  # Names the file in messages when the image came from one.
     if loader is io.load_labels:
       rounded = np.rint(data)
       if not np.all(np.isfinite(data)) or np.any(np.abs(rounded - data) > 1e-3):
-        raise ProgressionError('labels: label map has non-integer or non-finite voxel values')
-      return io.from_array(rounded.astype(np.int32), value.affine)
-    return io.from_array(data.astype(np.float32), value.affine)
+        raise ProgressionError(f'{path or "labels"}: label map has non-integer or non-finite '
+                               'voxel values')
+      return io.from_array(rounded.astype(np.int32), value.affine, path=path)
+    return io.from_array(data.astype(np.float32), value.affine, path=path)
   return loader(value)
 
 

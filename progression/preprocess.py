@@ -12,6 +12,7 @@ import dataclasses
 from collections.abc import Sequence
 
 import numpy as np
+from absl import logging
 from scipy import ndimage
 
 from progression.errors import ProgressionError
@@ -237,6 +238,62 @@ def to_grid(image: Volume, grid: Grid, labels: Volume | None = None,
                              f'{image.path or "this image"} (same world space)?')
   return GriddedVolume(image=gridded_image.astype(np.float32, copy=False), labels=gridded_labels,
                        affine=affine)
+
+
+def voxels_outside_grid(mask: np.ndarray, mask_affine: np.ndarray, grid: Grid,
+                        grid_affine: np.ndarray) -> int:
+  """How many voxels of `mask` have their centre outside the grid's box.
+
+  The box is the grid's voxels with their extent: model voxel coordinates in
+  [-0.5, n - 0.5] along each axis, through world mm (`mask_affine`, then `grid_affine`).
+
+  Args:
+    mask: `[x, y, z]` bool (e.g. a brain mask on the input image's voxels).
+    mask_affine: 4x4 voxel -> world (mm) matrix of `mask`.
+    grid: the model grid.
+    grid_affine: 4x4 voxel -> world (mm) matrix of the grid (`GriddedVolume.affine`).
+  """
+  mask = np.asarray(mask, dtype=bool)
+  if mask.ndim != 3:
+    raise ProgressionError(f'voxels_outside_grid: mask must be 3D [x, y, z], got {mask.shape}')
+  to_grid = np.linalg.solve(_as_affine(grid_affine, 'voxels_outside_grid: grid_affine'),
+                            _as_affine(mask_affine, 'voxels_outside_grid: mask_affine'))
+  index = np.stack(np.nonzero(mask), axis=-1).astype(np.float64)
+  at = index @ to_grid[:3, :3].T + to_grid[:3, 3]
+  inside = np.all((at >= -0.5) & (at <= np.asarray(grid.shape) - 0.5), axis=-1)
+  return int(np.count_nonzero(~inside))
+
+
+def warn_if_brain_outside_grid(brain: np.ndarray, volume: Volume, grid: Grid,
+                               grid_affine: np.ndarray, what: str = 'brain') -> int:
+  """Logs one warning, naming `volume`'s file, when brain voxels fall outside the grid.
+
+  Outside the model grid the model sees nothing and the forecast's Jacobian is 1, so the
+  regional volumes there count as unchanged and whole-brain change shrinks toward none.
+
+  Args:
+    brain: `[x, y, z]` bool brain mask on `volume`'s (canonical) voxels.
+    volume: the image the mask belongs to (its `path` names it, its affine places it).
+    grid: the model grid.
+    grid_affine: 4x4 voxel -> world (mm) matrix of the grid as placed for this image.
+    what: how the mask was made, for the message (e.g. 'brain (label map)').
+
+  Returns:
+    The number of brain voxels outside the grid (0: no warning).
+  """
+  outside = voxels_outside_grid(brain, volume.affine, grid, grid_affine)
+  if outside:
+    total = max(int(np.count_nonzero(brain)), 1)
+    extent = [round(n * v, 1) for n, v in zip(grid.shape, grid.voxel_size_mm)]
+    logging.warning(
+        '%s: %.1f %% of the %s (%.1f mL) lies outside the model grid (%s voxels x %s mm = %s '
+        'mm, centred at %s mm): the model does not see it and counts it as unchanged. Use an '
+        'experiment grid that covers the brain (the default is 96 x 112 x 96 at 2 mm).',
+        volume.path or '<image>', 100.0 * outside / total, what,
+        outside * volume.voxel_volume_ml, list(grid.shape), list(grid.voxel_size_mm), extent,
+        np.round(grid_affine[:3, :3] @ ((np.asarray(grid.shape) - 1) / 2.0)
+                 + grid_affine[:3, 3], 1).tolist())
+  return outside
 
 
 def crop_or_pad(data: np.ndarray, shape: Sequence[int]) -> np.ndarray:

@@ -221,6 +221,34 @@ def test_without_labels_volumes_are_jacobian_integrated_tissue(forecaster, basel
   assert one.volumes_ml['brain'] == pytest.approx(expected, rel=1e-5)
 
 
+def _outside_grid_warnings(caplog) -> list[str]:
+  return [r.getMessage() for r in caplog.records if 'outside the model grid' in r.getMessage()]
+
+
+def test_warns_once_when_the_brain_reaches_beyond_the_model_grid(forecaster, baseline_files,
+                                                                   tmp_path, caplog):
+  image_path, labels_path = baseline_files
+  with caplog.at_level('WARNING'):
+    forecaster.prepare(image_path, labels_path)
+    forecaster.prepare(image_path)
+  assert not _outside_grid_warnings(caplog)  # the cohort's brain fits the 128 mm grid
+  # The same voxels at 6 mm instead of 4: a 1.5 times larger brain (~150 mm front to back).
+  bigger = {}
+  for name, path in (('T1w', image_path), ('dseg', labels_path)):
+    source = nib.load(path)
+    affine = source.affine.copy()
+    affine[:3, :3] *= 1.5
+    bigger[name] = tmp_path / f'big_{name}.nii.gz'
+    nib.save(nib.Nifti1Image(np.asarray(source.dataobj), affine), bigger[name])
+  for label_path in (bigger['dseg'], None):
+    caplog.clear()
+    with caplog.at_level('WARNING'):
+      forecaster.prepare(bigger['T1w'], label_path)
+    (message,) = _outside_grid_warnings(caplog)
+    assert str(bigger['T1w']) in message and '[16, 16, 16] voxels' in message
+    assert ('label map' if label_path else 'tissue model') in message
+
+
 def test_rejects_bad_inputs(forecaster, baseline_files, tmp_path):
   image_path, labels_path = baseline_files
   with pytest.raises(ProgressionError, match='years'):

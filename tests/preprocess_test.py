@@ -262,6 +262,36 @@ def test_to_grid_rejects_labels_in_another_world_space():
 # --- crop_or_pad -----------------------------------------------------------------------------
 
 
+def test_voxels_outside_grid_known_counts():
+  # A 10^3-voxel box at 1 mm and an 8^3 grid at 1 mm on its centre: 8^3 voxels inside.
+  mask = np.zeros((20, 20, 20), bool)
+  mask[5:15, 5:15, 5:15] = True
+  grid = preprocess.Grid((8, 8, 8), (1.0, 1.0, 1.0))
+  center = np.array([9.5, 9.5, 9.5])  # world mm of the box centre (identity affine)
+  assert preprocess.voxels_outside_grid(mask, np.eye(4), grid, grid.affine(center)) == 1000 - 512
+  # A grid of 4 mm voxels (32 mm) holds the box; centred 15 mm further along x, its lower
+  # face is at 24.5 - 16 = 8.5 mm: the box's voxel slices x = 5..8 (100 voxels each) are out.
+  coarse = preprocess.Grid((8, 8, 8), (4.0, 4.0, 4.0))
+  assert preprocess.voxels_outside_grid(mask, np.eye(4), coarse, coarse.affine(center)) == 0
+  shifted = coarse.affine(center + [15.0, 0.0, 0.0])
+  assert preprocess.voxels_outside_grid(mask, np.eye(4), coarse, shifted) == 4 * 100
+
+
+def test_warn_if_brain_outside_grid_names_the_file(caplog):
+  mask = np.zeros((20, 20, 20), bool)
+  mask[5:15, 5:15, 5:15] = True
+  volume = io.from_array(np.zeros((20, 20, 20), np.float32), np.eye(4),
+                         path='/data/sub-01_T1w.nii')
+  grid = preprocess.Grid((8, 8, 8), (1.0, 1.0, 1.0))
+  with caplog.at_level('WARNING'):
+    assert preprocess.warn_if_brain_outside_grid(mask, volume, grid, grid.affine([9.5] * 3)) == 488
+    big = preprocess.Grid((12, 12, 12), (1.0, 1.0, 1.0))
+    assert preprocess.warn_if_brain_outside_grid(mask, volume, big, big.affine([9.5] * 3)) == 0
+  (message,) = [r.getMessage() for r in caplog.records
+                if 'outside the model grid' in r.getMessage()]
+  assert '/data/sub-01_T1w.nii' in message and '48.8 %' in message and '0.5 mL' in message
+
+
 def test_crop_or_pad_known_offsets():
   data = np.arange(10 * 4 * 5).reshape(10, 4, 5)
   out = preprocess.crop_or_pad(data, (7, 7, 5))

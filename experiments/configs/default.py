@@ -21,7 +21,9 @@ def get_config() -> ml_collections.ConfigDict:
 
   # The experiment grid every image is resampled onto (RAS+, centred on the brain).
   config.grid = ml_collections.ConfigDict()
-  config.grid.shape = (64, 64, 64)  # Voxels; divisible by 2**(len(features)-1).
+  # 192 x 224 x 192 mm: an adult brain (~140 x 170 x 120 mm) with room for centring. Voxels,
+  # each divisible by model.velocity_downsize * 2**(len(model.features) - 1) (2 * 4 = 8).
+  config.grid.shape = (96, 112, 96)
   config.grid.voxel_size_mm = (2.0, 2.0, 2.0)
 
   # Generator: U-Net -> stationary velocity field (voxels/year) -> exp(years * v).
