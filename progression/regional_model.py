@@ -165,14 +165,14 @@ def _feature_vector(cov: covariates.Covariates, baseline_ml: Mapping[str, float]
                     fill: Mapping[str, float]) -> np.ndarray:
   raw = _raw_covariate_features(cov)
   values = [fill[f] if raw[f] is None else float(raw[f]) for f in COVARIATE_FEATURES]
-  fields = [f for f in covariates.FIELDS if f in _fields_used()]
-  missing = [float(getattr(cov, f) is None) for f in fields]
+  missing = [float(getattr(cov, f) is None) for f in _fields_used()]
   head = head_size_ml(baseline_ml, volume_method)
   anatomy = [math.log(max(float(baseline_ml[r]), 1e-3) / max(head, 1e-3)) for r in regions]
   return np.asarray(values + missing + anatomy, dtype=np.float64)
 
 
 def _fields_used() -> tuple[str, ...]:
+  """Covariate fields behind `COVARIATE_FEATURES`, in order, each once."""
   return tuple(dict.fromkeys(_FIELD_OF_FEATURE.get(f, f) for f in COVARIATE_FEATURES))
 
 
@@ -266,8 +266,10 @@ def _variance_components(residual: np.ndarray, years: np.ndarray) -> tuple[float
 
 
 def _pairs_wide(table: pd.DataFrame) -> pd.DataFrame:
-  """One row per pair with valid volumes: pair index, subject, years, baseline dict, y_<r>."""
-  pair_ids = table.groupby(['subject', 'interval_years', 'baseline_ml'], sort=False).ngroup()
+  """One row per pair with valid volumes: pair index, subject, years, baseline dict, y_<r>.
+
+  `table` holds each pair's regions in consecutive rows (`baselines.training_volume_table`).
+  """
   regions = list(pd.unique(table['region']))
   per_pair = len(regions)
   num_pairs = len(table) // per_pair
@@ -282,7 +284,6 @@ def _pairs_wide(table: pd.DataFrame) -> pd.DataFrame:
     records.append({'pair': i, 'subject': rows['subject'].iloc[0], 'years': years,
                     'baseline': baseline,
                     **{f'y_{r}': math.log(followup[r] / baseline[r]) / years for r in regions}})
-  del pair_ids
   wide = pd.DataFrame.from_records(records)
   wide.attrs.update(regions=regions, num_pairs=num_pairs)
   return wide
