@@ -25,10 +25,10 @@ from progression.evaluation import figures, pipeline
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Folder for the cohort, model and reports.')
 _CONFIG = config_flags.DEFINE_config_file(
     'config', str(Path(__file__).parent / 'configs' / 'demo.py'), 'Training configuration.')
-_SUBJECTS = flags.DEFINE_integer('subjects', 30, 'Subjects in the synthetic cohort.')
+_SUBJECTS = flags.DEFINE_integer('subjects', 60, 'Subjects in the synthetic cohort.')
 _VISITS = flags.DEFINE_integer('visits', 3, 'Yearly visits per subject.')
 _COHORT_SHAPE = flags.DEFINE_list('cohort_shape', ['64', '64', '64'], 'Cohort image voxels.')
-_COHORT_VOXEL_MM = flags.DEFINE_float('cohort_voxel_mm', 2.0, 'Cohort voxel size in mm.')
+_COHORT_VOXEL_MM = flags.DEFINE_float('cohort_voxel_mm', 3.0, 'Cohort voxel size in mm.')
 _SEED = flags.DEFINE_integer('seed', 0, 'Seed of the synthetic cohort.')
 flags.mark_flags_as_required(['workdir'])
 
@@ -54,7 +54,7 @@ def run_demo(workdir: str | Path, config: ml_collections.ConfigDict, subjects: i
          + ' years')
   written = forecast_one_test_subject(config, workdir / 'train', workdir / 'forecast')
   print(f'    wrote {len(written)} files to {workdir / "forecast"}')
-  _stage(4, 'evaluating the model and both baselines on the test split')
+  _stage(4, 'evaluating the model, the regional model and both baselines on the test split')
   outputs = pipeline.evaluate_checkpoint(workdir / 'train', workdir / 'report',
                                              overwrite=True)
   print(f'\nDone in {time.perf_counter() - start:.0f} s. Report: {outputs.files["report.html"]}')
