@@ -6,8 +6,9 @@ subject; "table": one row per visit, e.g. ADNIMERGE.csv), the files, the mapping
 from our field names (subject, session and `covariates.FIELDS`) to the source's
 column names, how a visit's time is read (session code, numeric column or date; optionally real
 exam dates that override nominal session times),
-how age at the visit is obtained, and optional value maps and transforms applied
-to raw covariate values. Code never hard-codes a cohort's paths.
+how age at the visit is obtained, optional value maps and transforms applied
+to raw covariate values, and whether follow-ups are rigidly registered to their baseline
+(`[registration]`, `RegistrationSpec`). Code never hard-codes a cohort's paths.
 
 `load_spec` parses and validates a spec into a frozen `CohortSpec` (with
 `TableSpec`, `TimeSpec` and `AgeSpec` parts); errors name the spec file and the
@@ -73,6 +74,16 @@ class AgeSpec:
 
 
 @dataclasses.dataclass(frozen=True)
+class RegistrationSpec:
+  """`[registration]`: rigid registration of each follow-up to its baseline before training
+  and evaluation (`progression.registration`). `enabled` (default true: real scans move
+  between sessions); `on_failure`: "error" refuses a cohort with a pair whose alignment fails
+  the check, "skip" leaves such pairs out (each named in a warning)."""
+  enabled: bool = True
+  on_failure: str = 'error'
+
+
+@dataclasses.dataclass(frozen=True)
 class CohortSpec:
   """A parsed cohort spec (see the module docstring and cohorts/*.toml)."""
   name: str
@@ -89,6 +100,7 @@ class CohortSpec:
   transforms: dict[str, str] = dataclasses.field(default_factory=dict)
   description: str = ''
   path: str | None = None
+  registration: RegistrationSpec = RegistrationSpec()
 
 
 def load_spec(name_or_path: PathLike) -> CohortSpec:
@@ -203,7 +215,8 @@ def _parse_age(data: Mapping[str, Any], time: TimeSpec, where: str) -> AgeSpec:
 
 def _parse_spec(data: Mapping[str, Any], where: str) -> CohortSpec:
   _check_keys(data, ('name', 'layout', 'description', 'on_missing_image', 'participants',
-                     'visits', 'images', 'time', 'age', 'values', 'transforms'), where)
+                     'visits', 'images', 'time', 'age', 'values', 'transforms',
+                     'registration'), where)
   images = _get(data, 'images', where, dict)
   where_images = f'{where} [images]'
   _check_keys(images, ('image', 'labels', 'labels_required'), where_images)
@@ -225,9 +238,18 @@ def _parse_spec(data: Mapping[str, Any], where: str) -> CohortSpec:
       time=time, age=_parse_age(_get(data, 'age', where, dict, {}), time, f'{where} [age]'),
       value_maps=_parse_values(_get(data, 'values', where, dict, {}), f'{where} [values]'),
       transforms=_parse_transforms(_get(data, 'transforms', where, dict, {}), where),
-      path=where)
+      path=where,
+      registration=_parse_registration(_get(data, 'registration', where, dict, {}),
+                                       f'{where} [registration]'))
   _check_layout(spec, where)
   return spec
+
+
+def _parse_registration(data: Mapping[str, Any], where: str) -> RegistrationSpec:
+  _check_keys(data, ('enabled', 'on_failure'), where)
+  return RegistrationSpec(enabled=_get(data, 'enabled', where, bool, True),
+                          on_failure=_choice(_get(data, 'on_failure', where, str, 'error'),
+                                             ('error', 'skip'), where, 'on_failure'))
 
 
 def _parse_values(data: Mapping[str, Any], where: str) -> dict[str, dict[str, str]]:
