@@ -444,7 +444,8 @@ def _trilinear_corners(coords: Sequence[jax.Array], sizes: Sequence[int]
   base = (lower[0] * sizes[1] + lower[1]) * sizes[2] + lower[2]
   corners, weights = [], []
   for i, j, k in ((i, j, k) for i in (0, 1) for j in (0, 1) for k in (0, 1)):
-    weights.append((fraction[0] if i else 1 - fraction[0]) * (fraction[1] if j else 1 - fraction[1])
+    weights.append((fraction[0] if i else 1 - fraction[0])
+                   * (fraction[1] if j else 1 - fraction[1])
                    * (fraction[2] if k else 1 - fraction[2]))
     corners.append(base + (i * sizes[1] + j) * sizes[2] + k)
   return corners, weights

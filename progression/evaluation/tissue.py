@@ -198,8 +198,9 @@ def fit_tissue_model(image: np.ndarray, mask: np.ndarray, max_iterations: int = 
 
   The classes share their standard deviation (see the module doc: hard counts then follow
   partial volumes). EM runs on a `bins`-bin histogram of the masked intensities (each bin
-  centre weighted by its count): the same fixed point as EM on the voxels up to the bin width (range / bins),
-  but each iteration costs `bins` instead of one step per voxel (a 1.5 mm brain has ~1M).
+  centre weighted by its count): the same fixed point as EM on the voxels up to the bin
+  width (range / bins), but each iteration costs `bins` instead of one step per voxel (a
+  1.5 mm brain has ~1M).
   Initial means are the 1/6, 1/2 and 5/6 intensity quantiles, initial stds a quarter of the
   inter-quantile spread, weights equal. The std is floored at 1e-3 of the intensity range.
   Iterates until the mean log-likelihood improves by < `tol`.
