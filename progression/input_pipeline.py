@@ -11,9 +11,14 @@ Data-order determinism (what makes resume-after-kill bit-identical):
   same global batch as two processes with G/2 each.
 
 Both images of a pair are resampled around the brain centre of the *baseline*, so the
-pair stays aligned (cohorts are assumed to be in a common space, e.g. rigidly registered
-to the baseline or to MNI). Preprocessed visits are cached as .npz files per grid;
-`PairDataset.warm_cache` fills the cache up front, in parallel processes, so training
+pair stays aligned. With the cohort spec's `[registration]` enabled (`registration_spec`),
+each follow-up is first rigidly registered to its baseline (`progression.registration`,
+cached under `<cache_dir>/registration`) and re-expressed in the baseline's world (its
+affine composed with the transform, no extra interpolation), so head repositioning between
+sessions is not learned as atrophy; pairs whose alignment fails the check are refused or
+left out, as the spec says. Without it, visits are assumed to share a world space (e.g.
+rigidly registered to the baseline or to MNI). Preprocessed visits are cached as .npz files
+per grid; `PairDataset.warm_cache` fills the cache up front, in parallel processes, so training
 reads only cached arrays (a 120x144x120 NIfTI pair takes ~0.2 s to decode and resample).
 """
 
@@ -30,7 +35,8 @@ from typing import Callable, Iterator
 import numpy as np
 import pandas as pd
 
-from progression import cohort, covariates, io, labels, preprocess, regional_model, workers
+from progression import (cohort, cohort_spec, covariates, io, labels, preprocess, regional_model,
+                         registration, workers)
 from progression.errors import ProgressionError
 from progression.evaluation import baselines
 from progression.models import prior as prior_lib
@@ -43,12 +49,26 @@ class PairDataset:
 
   def __init__(self, pairs: pd.DataFrame, grid: preprocess.Grid, cache_dir: str | Path,
                normalizer: covariates.CovariateNormalizer,
-               regional: regional_model.RegionalModel | None = None):
+               regional: regional_model.RegionalModel | None = None,
+               registration_spec: cohort_spec.RegistrationSpec | None = None):
+    """`registration_spec`: the cohort spec's `[registration]`; None or disabled: none.
+
+    Raises:
+      ProgressionError: empty `pairs`; with registration and on_failure "error", any pair
+        whose alignment fails its check (naming the files).
+    """
     if len(pairs) == 0:
       raise ProgressionError('no pairs to load: the split is empty')
+    self.cache_dir = Path(cache_dir)
+    self._transforms: list[registration.RigidTransform] | None = None
+    if registration_spec is not None and registration_spec.enabled:
+      pairs, registrations = registration.register_pairs(
+          pairs, self.cache_dir / 'registration', registration_spec.on_failure)
+      if len(pairs) == 0:
+        raise ProgressionError('no pairs to load: every pair failed registration')
+      self._transforms = [r.transform for r in registrations]
     self.pairs = pairs.reset_index(drop=True)
     self.grid = grid
-    self.cache_dir = Path(cache_dir)
     self.has_labels = bool(self.pairs['baseline_labels'].notna().all()
                            and self.pairs['followup_labels'].notna().all())
     self.normalizer = normalizer
@@ -79,7 +99,8 @@ class PairDataset:
     row = self.pairs.iloc[index]
     baseline = self._visit(row['baseline_image'], row['baseline_labels'], None)
     center = baseline['center_mm']
-    followup = self._visit(row['followup_image'], row['followup_labels'], center)
+    transform = None if self._transforms is None else self._transforms[index]
+    followup = self._visit(row['followup_image'], row['followup_labels'], center, transform)
     if baseline['image'].shape != followup['image'].shape:
       raise ProgressionError(f'{row["followup_image"]}: grid differs from its baseline')
     example = {
@@ -126,23 +147,34 @@ class PairDataset:
     for done, _ in enumerate(workers.map_unordered(_warm_job, jobs, num_workers), first + 1):
       report(done, len(groups))
 
-  def _visit(self, image_path: str, labels_path, center_mm) -> dict[str, np.ndarray]:
+  def _visit(self, image_path: str, labels_path, center_mm,
+             transform: registration.RigidTransform | None = None) -> dict[str, np.ndarray]:
+    """A visit's arrays on the grid around `center_mm` (None: its own brain centre), first
+    moved into the baseline's world by `transform` (a registered follow-up) if given."""
     use_labels = self.has_labels and isinstance(labels_path, str)
     key = f'{image_path}|{labels_path if use_labels else ""}|{self.grid}|{center_mm}'
+    if transform is not None:
+      key += f'|{np.round(transform.fixed_to_moving, 6).tolist()}'
     cache = self.cache_dir / (hashlib.sha1(key.encode()).hexdigest()[:20] + '.npz')
     if cache.is_file():
       with np.load(cache) as f:
         return dict(f)
-    arrays = self._preprocess(image_path, labels_path if use_labels else None, center_mm)
+    arrays = self._preprocess(image_path, labels_path if use_labels else None, center_mm,
+                              transform)
     self.cache_dir.mkdir(parents=True, exist_ok=True)
     tmp = cache.with_suffix(f'.tmp{os.getpid()}-{threading.get_ident()}.npz')
     np.savez(tmp, **arrays)
     tmp.replace(cache)
     return arrays
 
-  def _preprocess(self, image_path: str, labels_path: str | None, center_mm):
+  def _preprocess(self, image_path: str, labels_path: str | None, center_mm,
+                  transform: registration.RigidTransform | None = None):
     image = _load_image(image_path)
     label_map = _load_labels(labels_path) if labels_path else None
+    if transform is not None:  # Registered follow-up: into the baseline's world.
+      image = registration.in_fixed_space(image, transform)
+      label_map = None if label_map is None else registration.in_fixed_space(label_map,
+                                                                              transform)
     if center_mm is None:
       center_mm = preprocess.brain_center_mm(image)
     gridded = preprocess.to_grid(image, self.grid, labels=label_map, center_mm=center_mm)

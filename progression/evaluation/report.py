@@ -40,7 +40,7 @@ import nibabel as nib
 import numpy as np
 import pandas as pd
 
-from progression import io, preprocess
+from progression import cohort_spec, io, preprocess, registration
 from progression import labels as L
 from progression.errors import ProgressionError
 from progression.evaluation import (baselines, comparisons, figures, image_metrics, tissue,
@@ -75,6 +75,8 @@ REFERENCE_SUFFIX = ' (reference)'  # Marks `comparisons.REFERENCE_METHODS` in th
 # Headline columns: each method's MAE as a fraction of these baselines' (when present).
 RATIO_BASELINES = ('population_rate', 'no_change')
 _AFFINE_TOLERANCE_MM = 1e-3
+# Pairs column set by `check_pairs` with registration: the follow-up's 4x4 fixed_to_moving.
+REGISTRATION_COLUMN = 'registration_fixed_to_moving'
 _SSIM_MIN_SHAPE = 11  # Window of ssim_3d (sigma 1.5); smaller volumes use the uncropped map.
 
 
@@ -104,18 +106,30 @@ def interval_bin(years: float) -> str:
 
 # ----------------------------------------------------------------------------- checks
 
-def check_pairs(pairs: pd.DataFrame, where: str = 'pairs') -> None:
+def check_pairs(pairs: pd.DataFrame, where: str = 'pairs',
+                registration_spec: cohort_spec.RegistrationSpec | None = None,
+                registration_cache_dir: str | Path | None = None) -> pd.DataFrame:
   """Fails fast, before any computation, on an empty table, missing files or grid mismatch.
 
-  Reads NIfTI headers only. The follow-up image (and label maps) must lie on the baseline's
-  voxel grid: same canonical RAS+ shape and affine (within 1e-3 mm), as predictions are made
-  on the baseline grid.
+  Reads NIfTI headers only, unless registering. The baseline label map must lie on the
+  baseline's voxel grid: same canonical RAS+ shape and affine (within 1e-3 mm), as
+  predictions are made on the baseline grid. Without registration (`registration_spec` None
+  or disabled) so must the follow-up image and label map. With it, each follow-up is rigidly
+  registered to its baseline (`registration.register_pairs`, cached in
+  `registration_cache_dir`, default `registration.default_cache_dir()`), and `_load` resamples
+  it onto the baseline grid; pairs failing the alignment check are refused or left out, as
+  `registration_spec.on_failure` says.
+
+  Returns:
+    the pairs to evaluate: `pairs`, or with registration the kept pairs with the column
+    `REGISTRATION_COLUMN` (4x4 fixed_to_moving, world mm).
 
   Raises:
     ProgressionError: naming the pair and file.
   """
   if len(pairs) == 0:
     raise ProgressionError(f'{where}: no pairs to evaluate (the split is empty)')
+  registering = registration_spec is not None and registration_spec.enabled
   for row in pairs.to_dict('records'):
     name = pair_name(row)
     reference = _header_grid(row['baseline_image'], f'{name}: baseline image')
@@ -126,13 +140,25 @@ def check_pairs(pairs: pd.DataFrame, where: str = 'pairs') -> None:
       if path is None:
         continue
       shape, affine = _header_grid(path, f'{name}: {what}')
+      if registering and column != 'baseline_labels':
+        continue  # Registered and resampled onto the baseline grid by `_load`.
       if shape != reference[0] or not np.allclose(affine, reference[1],
                                                   atol=_AFFINE_TOLERANCE_MM):
         raise ProgressionError(
             f'{name}: {what} {path} is on another voxel grid (shape {shape}, affine '
             f'{np.round(affine, 3).tolist()}) than the baseline {row["baseline_image"]} (shape '
             f'{reference[0]}, affine {np.round(reference[1], 3).tolist()}); resample or '
-            'register it onto the baseline grid first')
+            'register it onto the baseline grid first (or enable [registration] in the cohort '
+            'spec)')
+  if not registering:
+    return pairs
+  kept, registrations = registration.register_pairs(
+      pairs, registration_cache_dir or registration.default_cache_dir(),
+      registration_spec.on_failure)
+  if len(kept) == 0:
+    raise ProgressionError(f'{where}: no pairs to evaluate: every pair failed registration')
+  return kept.assign(**{REGISTRATION_COLUMN: [r.transform.fixed_to_moving
+                                              for r in registrations]})
 
 
 def pair_name(row: Mapping[str, Any]) -> str:
@@ -160,7 +186,9 @@ def _header_grid(path: Any, what: str) -> tuple[tuple[int, ...], np.ndarray]:
 def evaluate_pairs(pairs: pd.DataFrame, methods: Sequence[Method],
                    volume_method: str | None = None, num_examples: int = 2,
                    progress: Callable[[int, int], None] | None = None,
-                   where: str = 'pairs') -> Evaluation:
+                   where: str = 'pairs',
+                   registration_spec: cohort_spec.RegistrationSpec | None = None,
+                   registration_cache_dir: str | Path | None = None) -> Evaluation:
   """Evaluates every method on every pair (see the module docstring for the row fields).
 
   Args:
@@ -171,6 +199,8 @@ def evaluate_pairs(pairs: pd.DataFrame, methods: Sequence[Method],
     num_examples: how many pairs (the first ones) keep slices for the example figure.
     progress: called as progress(pairs_done, num_pairs).
     where: names the table in error messages (e.g. "split 'test' of /data/cohort").
+    registration_spec, registration_cache_dir: the cohort spec's `[registration]` and the
+      registration cache (see `check_pairs`); None: follow-ups must be on the baseline grid.
 
   Raises:
     ProgressionError: empty table, missing follow-up image or label map, follow-up grid
@@ -179,7 +209,7 @@ def evaluate_pairs(pairs: pd.DataFrame, methods: Sequence[Method],
   names = [m.name for m in methods]
   if not names or len(set(names)) != len(names):
     raise ProgressionError(f'evaluate_pairs: give methods with unique names, got {names}')
-  check_pairs(pairs, where)
+  pairs = check_pairs(pairs, where, registration_spec, registration_cache_dir)
   volume_method = volume_method or baselines.volume_method_of(pairs)
   records, examples = [], []
   rows = pairs.to_dict('records')
@@ -197,11 +227,23 @@ def evaluate_pairs(pairs: pd.DataFrame, methods: Sequence[Method],
 
 
 def _load(row: Mapping[str, Any]) -> dict[str, io.Volume | None]:
+  """The pair's volumes; a registered follow-up (`REGISTRATION_COLUMN`) resampled onto the
+  baseline grid (image trilinear, labels nearest), with the files' own in '*_native'."""
   loaded = {'baseline': io.load_image(row['baseline_image']),
             'followup': io.load_image(row['followup_image'])}
   for key in ('baseline_labels', 'followup_labels'):
     path = optional_text(row.get(key))
     loaded[key] = None if path is None else io.load_labels(path)
+  loaded['followup_native'] = loaded['followup']
+  loaded['followup_labels_native'] = loaded['followup_labels']
+  matrix = row.get(REGISTRATION_COLUMN)
+  if matrix is not None:
+    transform = registration.RigidTransform(np.asarray(matrix, np.float64))
+    loaded['followup'] = registration.onto_fixed_grid(loaded['followup'], transform,
+                                                      loaded['baseline'])
+    if loaded['followup_labels'] is not None:
+      loaded['followup_labels'] = registration.onto_fixed_grid(
+          loaded['followup_labels'], transform, loaded['baseline'], labels=True)
   return loaded
 
 
