@@ -54,6 +54,15 @@ def subject():
 
 
 @pytest.fixture(scope='module')
+def subject_files(subject, tmp_path_factory):
+  """Baseline and moved follow-up as NIfTI files (so registrations are cached), and a cache."""
+  folder = tmp_path_factory.mktemp('subject')
+  paths = {name: str(io.save_image(folder / f'{name}.nii.gz', volume.data, volume.affine))
+           for name, volume in (('base', subject.baseline), ('good', subject.followup))}
+  return paths, folder / 'cache'
+
+
+@pytest.fixture(scope='module')
 def cohorts(tmp_path_factory):
   """The same 2-subject x 2-visit cohort made without and with motion (same seed)."""
   root = tmp_path_factory.mktemp('registration')
@@ -75,7 +84,7 @@ def _pairs(root):
   return cohort.make_pairs(cohort.read_visits(cohort.load_spec('synthetic'), root))
 
 
-def test_recovers_known_motion_within_half_a_mm_and_degree(subject):
+def test_recovers_known_motion_within_half_a_mm_and_degree(subject, subject_files):
   truth = np.linalg.inv(subject.motion)  # Simulator: follow-up -> baseline; ours: the inverse.
   brain = subject.brain_mm()
   moved_mm, _ = registration.discrepancy(truth, np.eye(4), brain)
@@ -89,7 +98,9 @@ def test_recovers_known_motion_within_half_a_mm_and_degree(subject):
   # Baseline -> follow-up: atrophy and a new bias field move the rigid optimum of this small
   # head by ~0.6 mm / 0.6 degree even without motion (0.1 mm at real size, 96x112x96 at
   # 2 mm); the motion adds no more than 0.5 mm / 0.5 degree on top of it.
-  pair = registration.register_checked(subject.baseline, subject.followup)
+  paths, cache = subject_files
+  pair = registration.register_cached(io.load_image(paths['base']),
+                                      io.load_image(paths['good']), cache)
   unmoved, _ = registration.register_rigid(subject.baseline, subject.still_followup)
   expected = truth @ unmoved.fixed_to_moving
   error_mm, error_deg = registration.discrepancy(pair.transform.fixed_to_moving, expected,
@@ -117,19 +128,18 @@ def test_a_known_world_shift_is_recovered_and_undone(subject):
   assert gap < 0.05 * baseline.data[inside].mean()
 
 
-def test_a_follow_up_turned_180_degrees_fails_the_check_and_is_named(subject, tmp_path):
-  baseline, followup = subject.baseline, subject.followup
-  turned = io.from_array(followup.data[::-1, ::-1].copy(), followup.affine)
+def test_a_follow_up_turned_180_degrees_fails_the_check_and_is_named(subject, subject_files,
+                                                                     tmp_path):
+  paths, cache = subject_files
+  followup = subject.followup
+  turned = io.save_image(tmp_path / 'turned.nii.gz', followup.data[::-1, ::-1], followup.affine)
   # Refused (naming the follow-up file and why) or skipped (the good pair kept).
-  paths = {}
-  for name, volume in (('base', baseline), ('good', followup), ('turned', turned)):
-    paths[name] = str(io.save_image(tmp_path / f'{name}.nii.gz', volume.data, volume.affine))
-  pairs = _pairs_table(paths['base'], [paths['good'], paths['turned']])
+  pairs = _pairs_table(paths['base'], [paths['good'], str(turned)])
   with pytest.raises(ProgressionError, match=r'1 of 2 pairs failed registration: .*turned\.nii'
                                              r'\.gz: rigid registration to its baseline .*base'
                                              r'.*edge correlation after alignment 0\.[0-7]'):
-    registration.register_pairs(pairs, tmp_path / 'cache', 'error')
-  kept, found = registration.register_pairs(pairs, tmp_path / 'cache', 'skip')
+    registration.register_pairs(pairs, cache, 'error')
+  kept, found = registration.register_pairs(pairs, cache, 'skip')
   assert kept['followup_image'].tolist() == [paths['good']] and len(found) == 1
 
 
