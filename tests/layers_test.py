@@ -39,6 +39,23 @@ def test_conv3d_matches_nn_conv_values_and_grads(impl, shape):
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4), g_ours, g_ref)
 
 
+@pytest.mark.parametrize('shape,cout', [((1, 6, 5, 4, 16), 3), ((2, 1, 4, 3, 2), 5),
+                                        ((1, 5, 7, 6, 8), 16), ((1, 2, 3, 3, 1), 1)])
+def test_depth_taps_matches_xla_conv_values_and_grads(shape, cout):
+  """The output-side forward and the custom VJP (input gradient by output-side taps, kernel
+  gradient by input-side taps) against `lax.conv_general_dilated`, float32 tolerance; includes
+  the thin velocity head (16 -> 3) and a single x plane (no neighbours along x)."""
+  x, kernel = _x(shape), _x((3, 3, 3, shape[-1], cout), 1)
+  cotangent = _x((*shape[:-1], cout), 2)
+  xla = lambda x, k: jax.lax.conv_general_dilated(
+      x, k, (1, 1, 1), 'SAME', dimension_numbers=('NDHWC', 'DHWIO', 'NDHWC'))
+  ours = lambda x, k: layers.conv3x3x3(x, k, 'depth_taps')
+  np.testing.assert_allclose(jax.jit(ours)(x, kernel), xla(x, kernel), **TOL)
+  vjp = lambda f: jax.jit(lambda x, k: jax.vjp(f, x, k)[1](cotangent))
+  for got, want in zip(vjp(ours)(x, kernel), vjp(xla)(x, kernel)):
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4)
+
+
 def test_conv3d_dtype_and_errors():
   x = _x((1, 4, 4, 4, 2))
   m = layers.Conv3D(3, dtype=jnp.bfloat16)
