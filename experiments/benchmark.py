@@ -2,12 +2,15 @@
 
   python -m experiments.benchmark --out=benchmark.json
   python -m experiments.benchmark --sizes=32,64,120x144x120 --devices=1,2 --repetitions=5
+  python -m experiments.benchmark --standard_devices= ...   # skip the standard experiment
 
 What is measured (medians of `--repetitions` calls after `--warmup` untimed ones; the first
 call and the compile are timed apart):
   * generator: the forward pass (velocity, integration, warp, Jacobian; no loss) and the
     train step (forward, losses, backward, pmean, clipping, AdamW) per sample, for each grid
-    in --sizes and each device count in --devices, through `train.create_train_state`,
+    in --sizes and each device count in --devices, and the standard experiment
+    (--standard_config, its own grid and channels) on --standard_devices, through
+    `train.create_train_state`,
     `steps.train_step`, `parallel.pmap_train_step` (and `parallel.pmap_eval_step` for the
     forward) with the benchmark config; XLA's cost analysis of the compiled step gives
     FLOPs, hence GFLOP/s against a measured matmul peak;
@@ -17,8 +20,13 @@ call and the compile are timed apart):
     cold cache (first epoch, one thread) and a cached one, and of the parallel cache
     warm-up that training runs first (`PairDataset.warm_cache`), against the training
     step's consumption (samples/s);
+  * the velocity network alone (covariate MLP + U-Net + head) forward and forward+backward
+    at batch 1 and 2, at the first --torch_sizes grid and the standard one;
   * PyTorch + MONAI (`experiments/torch_reference.py`, the `bench` extra): the same
     generator and velocity network, and the ratios ours / PyTorch; skipped without torch.
+With `model.prior` (the default) our generator computes the regional prior field inside
+the forward pass, so the generator and train-step times include it; the PyTorch generator
+has no prior (its network sees the prior's rates as conditioning, as ours).
 Each measurement runs in its own subprocess (the forced CPU device count,
 XLA_FLAGS=--xla_force_host_platform_device_count=N, must be set before jax is imported),
 which also gives a per-measurement peak RSS. The logic is importable: `run_benchmark`;
@@ -62,8 +70,11 @@ def parse_size(text: str) -> Shape:
 @dataclasses.dataclass(frozen=True)
 class Options:
   """What to measure. Sizes in voxels; times in seconds."""
-  sizes: tuple[Shape, ...] = ((32, 32, 32), (64, 64, 64), (120, 144, 120))
+  sizes: tuple[Shape, ...] = ((32, 32, 32), (64, 64, 64))
   devices: tuple[int, ...] = (1, 2)
+  # The standard experiment's config (its own grid and channels) is timed on these device
+  # counts, and its velocity network against PyTorch's; () skips it.
+  standard_devices: tuple[int, ...] = (1, 2)
   repetitions: int = 3
   warmup: int = 1
   forecast_sizes: tuple[Shape, ...] = ((64, 64, 64), (120, 144, 120))
@@ -74,6 +85,7 @@ class Options:
   torch: bool = True
   torch_sizes: tuple[Shape, ...] = ((64, 64, 64),)
   torch_batches: tuple[int, ...] = (1, 2)  # PyTorch picks oneDNN convs only for batch > 1.
+  # Ours: the velocity network alone runs at these batches too (best batch vs best batch).
   matmul_n: int | None = None  # Matmul peak size; None: 2048 on CPU, 8192 on GPU.
   worker_timeout_s: float = 1200.0
   # XLA's persistent compilation cache for the workers (None: off; an existing
@@ -124,20 +136,27 @@ def run_worker(task: str, spec: dict, devices: int, options: 'Options') -> dict:
                 options.worker_timeout_s)
 
 
-def run_torch(config, sizes: Sequence[Shape], options: Options) -> dict:
-  """PyTorch + MONAI reference (experiments/torch_reference.py) in its own process."""
+def run_torch(config, sizes: Sequence[Shape], options: Options,
+              measures: Sequence[str] = ()) -> dict:
+  """PyTorch + MONAI reference (experiments/torch_reference.py) in its own process; only
+  `measures` of it when given (e.g. the velocity network). Without the regional prior
+  (`model.prior`) field: its network sees the prior's rates as extra conditioning inputs,
+  as ours, but the generator and train step do not compute the prior field."""
   missing = [m for m in ('torch', 'monai') if importlib.util.find_spec(m) is None]
   if missing:
     return {'skipped': f'{" and ".join(missing)} not installed; '
                        '`pip install -e .[bench]` (torch==2.13.0, monai) to compare'}
   from progression import covariates
+  from progression.models import prior
+  cond_dim = covariates.ENCODED_DIM + (len(prior.RATE_REGIONS) if config.model.prior else 0)
   with tempfile.TemporaryDirectory() as tmp:
     out = Path(tmp) / 'torch.json'
     weights = {k: float(v) for k, v in config.loss.items()}
     argv = [sys.executable, '-m', 'experiments.torch_reference',
             f'--sizes={",".join(size_name(s) for s in sizes)}',
             f'--features={",".join(str(f) for f in config.model.features)}',
-            f'--cond_dim={covariates.ENCODED_DIM}', f'--loss_weights={json.dumps(weights)}',
+            f'--cond_dim={cond_dim}', f'--loss_weights={json.dumps(weights)}',
+            f'--measures={",".join(measures)}',
             f'--batches={",".join(str(b) for b in options.torch_batches)}',
             f'--repetitions={options.repetitions}', f'--warmup={max(options.warmup, 1)}',
             '--threads=2', f'--out={out}']
@@ -165,9 +184,10 @@ def machine() -> dict[str, Any]:
 
 
 def run_benchmark(config, options: Options, out: str | Path | None = None,
-                  log: Callable[[str], None] = print) -> dict:
-  """Runs every measurement of `options` with `config`; returns (and writes to `out`) the
-  results as JSON-compatible dicts. See the module docstring for what is measured."""
+                  log: Callable[[str], None] = print, standard=None) -> dict:
+  """Runs every measurement of `options` with `config` (and of the standard experiment's
+  config `standard` at its own grid, when given); returns (and writes to `out`) the results
+  as JSON-compatible dicts. See the module docstring for what is measured."""
   from progression.errors import ProgressionError  # No jax in this process.
   if not options.sizes and not options.forecast_sizes:
     raise ProgressionError('nothing to measure: give --sizes or --forecast_sizes')
@@ -179,6 +199,9 @@ def run_benchmark(config, options: Options, out: str | Path | None = None,
           'machine': machine(), 'options': json.loads(json.dumps(dataclasses.asdict(options)))}
   results: dict[str, Any] = {'meta': meta, 'config': config_json, 'generator': [],
                              'forecast': [], 'pipeline': None}
+  standard_json = json.loads(standard.to_json()) if standard is not None else None
+  if standard_json:
+    results['standard_config'] = standard_json
   results['matmul_peak'] = run_worker('matmul', {'repetitions': 5, 'n': options.matmul_n}, 1,
                                       options)
   velocity_sizes = set(options.torch_sizes) if options.torch else set()
@@ -187,9 +210,21 @@ def run_benchmark(config, options: Options, out: str | Path | None = None,
       log(f'generator {size_name(size)} on {devices} device(s)')
       spec = {'config': config_json, 'size': size, 'devices': devices,
               'repetitions': options.repetitions, 'warmup': options.warmup,
-              'velocity': devices == 1 and size in velocity_sizes}
-      results['generator'].append({'size': size_name(size), 'devices': devices,
+              'velocity': devices == 1 and size in velocity_sizes,
+              'velocity_batches': list(options.torch_batches)}
+      results['generator'].append({'model': 'benchmark', 'size': size_name(size),
+                                   'devices': devices,
                                    **run_worker('generator', spec, devices, options)})
+  standard_grid = tuple(standard.grid.shape) if standard_json else None
+  for devices in (options.standard_devices if standard_json else ()):
+    log(f'standard experiment {size_name(standard_grid)} on {devices} device(s)')
+    spec = {'config': standard_json, 'size': standard_grid, 'devices': devices,
+            'repetitions': options.repetitions, 'warmup': options.warmup,
+            'velocity': devices == 1 and options.torch,
+            'velocity_batches': list(options.torch_batches)}
+    results['generator'].append({'model': 'standard', 'size': size_name(standard_grid),
+                                 'devices': devices,
+                                 **run_worker('generator', spec, devices, options)})
   for size in options.forecast_sizes:
     log(f'forecast {size_name(size)}')
     spec = {'config': config_json, 'size': size, 'voxel_mm': options.input_voxel_mm,
@@ -207,6 +242,16 @@ def run_benchmark(config, options: Options, out: str | Path | None = None,
   if options.torch:
     log('PyTorch + MONAI reference')
     results['torch'] = run_torch(config, options.torch_sizes, options)
+    for run in results['torch'].get('runs', []):
+      run['model'] = 'benchmark'
+    if standard_json and options.standard_devices and 'runs' in results['torch']:
+      log(f'PyTorch + MONAI velocity network at {size_name(standard_grid)} (standard)')
+      more = run_torch(standard, [standard_grid], options,
+                       measures=('velocity_forward', 'velocity_forward_backward'))
+      if 'runs' in more:
+        results['torch']['runs'] += [{**run, 'model': 'standard'} for run in more['runs']]
+      else:
+        results['torch']['standard_error'] = more.get('error') or more.get('skipped')
   else:
     results['torch'] = {'skipped': 'disabled by --notorch'}
   results['meta']['machine']['load_average_after'] = list(os.getloadavg())
@@ -222,9 +267,14 @@ def run_benchmark(config, options: Options, out: str | Path | None = None,
 _CONFIG = config_flags.DEFINE_config_file(
     'config', str(REPO / 'experiments' / 'configs' / 'benchmark.py'),
     'Experiment configuration whose model, loss and optimiser are timed.')
-_SIZES = flags.DEFINE_list('sizes', ['32', '64', '120x144x120'],
+_STANDARD = config_flags.DEFINE_config_file(
+    'standard_config', str(REPO / 'experiments' / 'configs' / 'standard.py'),
+    'The standard experiment, timed at its own grid and channels (--standard_devices).')
+_SIZES = flags.DEFINE_list('sizes', ['32', '64'],
                            'Generator grids (voxels): N or XxYxZ, comma separated.')
 _DEVICES = flags.DEFINE_list('devices', ['1', '2'], 'Forced CPU device counts (pmap).')
+_STANDARD_DEVICES = flags.DEFINE_list(
+    'standard_devices', ['1', '2'], 'Device counts for the standard config; empty to skip it.')
 _REPETITIONS = flags.DEFINE_integer('repetitions', Options.repetitions, 'Timed calls.')
 _WARMUP = flags.DEFINE_integer('warmup', Options.warmup, 'Untimed calls (the first included).')
 _FORECAST_SIZES = flags.DEFINE_list('forecast_sizes', ['64', '120x144x120'],
@@ -251,6 +301,7 @@ def options_from_flags() -> Options:
   sizes = lambda values: tuple(parse_size(v) for v in values if v)
   return Options(
       sizes=sizes(_SIZES.value), devices=tuple(int(d) for d in _DEVICES.value),
+      standard_devices=tuple(int(d) for d in _STANDARD_DEVICES.value if d),
       repetitions=_REPETITIONS.value, warmup=_WARMUP.value,
       forecast_sizes=sizes(_FORECAST_SIZES.value), input_voxel_mm=_INPUT_VOXEL_MM.value,
       pipeline=_PIPELINE.value, pipeline_source=parse_size(_PIPELINE_SOURCE.value),
@@ -267,7 +318,8 @@ def main(argv):
     job = json.loads(_WORKER.value)
     Path(job['out']).write_text(json.dumps(TASKS[job['task']](job['spec'])))
     return
-  results = run_benchmark(_CONFIG.value, options_from_flags(), _OUT.value)
+  results = run_benchmark(_CONFIG.value, options_from_flags(), _OUT.value,
+                          standard=_STANDARD.value)
   print(format_tables(results))
   print(f'wrote {_OUT.value} ({results["meta"]["total_s"]:.0f} s)')
 

@@ -16,7 +16,9 @@ from experiments.timing import time_calls
 
 
 def random_batch(config, shape: Sequence[int], batch: int, seed: int = 0) -> dict:
-  """Host arrays shaped and typed as `input_pipeline.train_batch` gives them ([batch, ...])."""
+  """Host arrays shaped and typed as `input_pipeline.train_batch` gives them ([batch, ...]);
+  with `config.model.prior` also the regional model's rates (the prior is computed in the
+  generator, so the timed steps include it)."""
   import numpy as np
   from progression import covariates, labels
   rng = np.random.default_rng(seed)
@@ -25,8 +27,12 @@ def random_batch(config, shape: Sequence[int], batch: int, seed: int = 0) -> dic
          'followup': rng.random((batch, *shape, 1), dtype=np.float32),
          'years': rng.uniform(0.5, 3.0, batch).astype(np.float32),
          'covariates': rng.standard_normal((batch, covariates.ENCODED_DIM)).astype(np.float32)}
-  if config.loss.dice > 0 or config.loss.volume > 0:
+  if config.loss.dice > 0 or config.loss.volume > 0 or config.model.prior:
     out['baseline_labels'], out['followup_labels'] = classes(), classes()
+  if config.model.prior:  # Annual log change per region, atrophy-sized (-0.5 to -3 %/year).
+    from progression.models import prior
+    out['prior_log_rates'] = rng.uniform(-0.03, -0.005, (batch, len(prior.RATE_REGIONS))
+                                         ).astype(np.float32)
   return out
 
 
@@ -80,8 +86,10 @@ def generator_forward(state, batch) -> dict:
   """The generator's forward pass as an eval-step function for `parallel.pmap_eval_step`:
   per-example means of every output (so XLA computes them all) and the padding flags."""
   import jax.numpy as jnp
+  prior = ({'prior_classes': batch['baseline_labels'], 'prior_log_rates': batch['prior_log_rates']}
+           if 'prior_log_rates' in batch else {})
   out = state.apply_fn({'params': state.params}, batch['baseline'], batch['years'],
-                       batch['covariates'])
+                       batch['covariates'], **prior)
   mean = lambda a: jnp.mean(a.reshape(a.shape[0], -1), axis=1)
   return {**{k: mean(v) for k, v in out.items()}, 'valid': batch['valid']}
 
@@ -131,33 +139,46 @@ def generator_task(spec: dict) -> dict:
     r['samples_per_s'] = local_batch / r['median_s']
     if r['flops']:
       r['gflop_per_s'] = r['flops'] * n / r['median_s'] / 1e9
+  result['memory'] = memory()  # Peak RSS of the generator steps (before the network alone).
   if spec.get('velocity'):
-    result['velocity'] = _velocity_network(config, state.params, batch, spec)
-  result['memory'] = memory()
+    result['velocity'] = _velocity_network(config, state.params, spec)
   return result
 
 
-def _velocity_network(config, params, batch, spec) -> dict:
-  """The velocity network alone (covariate MLP + U-Net + head), forward and forward+backward,
-  on one device (for the comparison with PyTorch: it isolates the convolutions)."""
+def _velocity_network(config, params, spec) -> dict:
+  """The velocity network alone (covariate MLP + U-Net + velocity head; no prior field, no
+  integration), forward and forward+backward of mean(v^2), on one device at each batch of
+  `spec['velocity_batches']` (as PyTorch's): it isolates the convolutions for the comparison
+  with PyTorch. With `config.model.prior` the network also sees the prior's rates."""
   import jax
   import jax.numpy as jnp
   from progression import train
   model = train.create_model(config)
-  image, cov = jnp.asarray(batch['baseline'][0]), jnp.asarray(batch['covariates'][0])
-  velocity = lambda p: model.apply({'params': p}, image, cov, method=model.velocity)
+  network = lambda m, image, cov, rates: m._velocity_head(m._trunk(image, cov, rates))
   result = {}
-  for name, fn in (('forward', velocity),
-                   ('forward_backward', jax.grad(lambda p: jnp.mean(jnp.square(velocity(p)))))):
-    start = time.perf_counter()
-    compiled = jax.jit(fn).lower(params).compile()
-    cost = compiled.cost_analysis()
-    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-    r = {'compile_s': time.perf_counter() - start, 'flops': float(cost['flops']),
-         **time_calls(lambda: jax.block_until_ready(compiled(params)), spec['repetitions'],
-                      spec['warmup'])}
-    r['gflop_per_s'] = r['flops'] / r['median_s'] / 1e9
-    result[name] = r
+  for b in spec.get('velocity_batches') or [1]:
+    data = random_batch(config, tuple(spec['size']), b, seed=1)
+    image, cov = jnp.asarray(data['baseline']), jnp.asarray(data['covariates'])
+    rates = jnp.asarray(data['prior_log_rates']) if 'prior_log_rates' in data else None
+    velocity = lambda p: model.apply({'params': p}, image, cov, rates, method=network)
+    for name, fn in (('forward', velocity), ('forward_backward', jax.grad(
+        lambda p: jnp.mean(jnp.square(velocity(p)))))):
+      start = time.perf_counter()
+      compiled = jax.jit(fn).lower(params).compile()
+      cost = compiled.cost_analysis()
+      cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+      r = {'batch': b, 'compile_s': time.perf_counter() - start,
+           'flops': float(cost['flops']) / b,
+           **time_calls(lambda: jax.block_until_ready(compiled(params)), spec['repetitions'],
+                        spec['warmup'])}
+      r['per_sample_s'] = r['median_s'] / b
+      r['gflop_per_s'] = r['flops'] / r['per_sample_s'] / 1e9
+      best = result.get(name)
+      r['by_batch'] = {**(best or {}).get('by_batch', {}), str(b): r['per_sample_s']}
+      if best is None or r['per_sample_s'] < best['per_sample_s']:
+        result[name] = r
+      else:
+        best['by_batch'] = r['by_batch']
   return result
 
 

@@ -245,13 +245,14 @@ def random_batch(size: Sequence[int], batch: int, cond_dim: int, seed: int = 0) 
 def benchmark(size: Sequence[int], *, cond_dim: int, loss_weights: dict[str, float],
               features: Sequence[int] = (16, 32, 64), batch: int = 1, repetitions: int = 5,
               warmup: int = 1, threads: int = 2, learning_rate: float = 1e-3,
-              weight_decay: float = 1e-4, grad_clip_norm: float = 1.0) -> dict:
+              weight_decay: float = 1e-4, grad_clip_norm: float = 1.0,
+              measures: Sequence[str] = ()) -> dict:
   """Times the generator's forward (no loss) and training step (forward, losses, backward,
   clipping, AdamW), and the velocity network (covariate MLP + U-Net + head) forward and
   forward+backward (of mean(v^2)), at `size` voxels.
 
-  Returns per measurement `{'first_call_s', 'median_s' (seconds per call), 'times_s',
-  'per_sample_s'}`, plus 'params', 'batch', 'threads'.
+  Returns per measurement (all, or those named in `measures`) `{'first_call_s', 'median_s'
+  (seconds per call), 'times_s', 'per_sample_s'}`, plus 'params', 'batch', 'threads'.
   """
   torch.set_num_threads(threads)
   torch.manual_seed(0)
@@ -284,6 +285,8 @@ def benchmark(size: Sequence[int], *, cond_dim: int, loss_weights: dict[str, flo
   for name, fn in (('forward', forward), ('train_step', train_step),
                    ('velocity_forward', velocity_forward),
                    ('velocity_forward_backward', velocity_backward)):
+    if measures and name not in measures:
+      continue
     result[name] = time_calls(fn, repetitions, warmup)
     result[name]['per_sample_s'] = result[name]['median_s'] / batch
   return result
@@ -305,7 +308,8 @@ def main(argv):
     for batch in opts.batches:
       run = benchmark(size, cond_dim=opts.cond_dim, loss_weights=json.loads(opts.loss_weights),
                       features=[int(c) for c in opts.features], batch=int(batch),
-                      repetitions=opts.repetitions, warmup=opts.warmup, threads=opts.threads)
+                      repetitions=opts.repetitions, warmup=opts.warmup, threads=opts.threads,
+                      measures=[m for m in opts.measures if m])
       results['runs'].append({'size': 'x'.join(map(str, size)), **run})
   results['maxrss_mib'] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
   text = json.dumps(results, indent=1)
@@ -325,10 +329,13 @@ def define_flags() -> None:
   flags.DEFINE_integer('repetitions', 5, 'Timed calls per measurement.')
   flags.DEFINE_integer('warmup', 1, 'Untimed calls before timing.')
   flags.DEFINE_integer('threads', 2, 'torch.set_num_threads.')
-  flags.DEFINE_integer('cond_dim', 16, 'Width of the encoded covariates.')
+  flags.DEFINE_integer('cond_dim', 16, 'Width of the conditioning input (encoded covariates, '
+                       'plus the regional prior\'s rates when the model is anchored on it).')
   flags.DEFINE_list('features', ['16', '32', '64'], 'U-Net channels per level.')
   flags.DEFINE_string('loss_weights', '{"image": 1.0, "smoothness": 0.01, '
                       '"dice": 0.1, "folding": 1.0}', 'Loss weights as JSON.')
+  flags.DEFINE_list('measures', [], 'Only these of forward, train_step, velocity_forward, '
+                    'velocity_forward_backward (empty: all).')
   flags.DEFINE_string('out', None, 'Write the results here as JSON.')
 
 

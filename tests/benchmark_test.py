@@ -46,7 +46,9 @@ def test_entry_point_writes_json_with_positive_numbers(tmp_path):
        '--config.loss.dice=0', '--config.loss.volume=0',  # Label terms: 2x compile time.
        '--sizes=16', '--devices=2', '--repetitions=1', '--warmup=0', '--forecast_sizes=16',
        '--input_voxel_mm=8', '--pipeline_source=16', '--pipeline_subjects=2', '--notorch',
-       '--matmul_n=256', f'--out={out}'],
+       '--matmul_n=256', '--standard_config=experiments/configs/tiny.py',
+       '--standard_config.loss.dice=0', '--standard_config.loss.volume=0',
+       '--standard_devices=1', f'--out={out}'],
       cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
   assert proc.returncode == 0, proc.stderr[-3000:]
   results = json.loads(out.read_text())
@@ -54,8 +56,11 @@ def test_entry_point_writes_json_with_positive_numbers(tmp_path):
   assert results['meta']['machine']['cpu_count'] > 0
   assert results['meta']['machine']['versions']['jax']
   _positive(results, 'matmul_peak', 'gflop_per_s')
-  (gen,) = results['generator']
+  gen, standard = results['generator']
   assert (gen['size'], gen['devices'], gen['local_batch']) == ('16x16x16', 2, 2), gen
+  assert (standard['model'], standard['size'], standard['devices']) == (
+      'standard', '16x16x16', 1), standard
+  _positive(standard, 'train', 'per_sample_s')
   for key in ('forward', 'train'):
     for field in ('median_s', 'per_sample_s', 'samples_per_s', 'compile_s', 'flops',
                   'gflop_per_s', 'fraction_of_matmul_peak'):
@@ -77,16 +82,23 @@ def test_entry_point_writes_json_with_positive_numbers(tmp_path):
   _positive(summary, 'training_consumption_samples_per_s')
   goals = {g['goal']: g for g in summary['goals']}
   assert any(g.startswith('pipeline cached') and v['met'] is not None for g, v in goals.items())
-  forecast_goals = [v for g, v in goals.items() if g.startswith('forecast latency')]
+  forecast_goals = [v for g, v in goals.items()
+                    if g.startswith('forecast latency') and 'GPU' not in g]
   assert len(forecast_goals) == 2 and all(v['met'] is None for v in forecast_goals)  # No 120^3.
-  assert '| 16x16x16 | 2 |' in proc.stdout  # The printed table.
+  assert '| benchmark | 16x16x16 | 2 |' in proc.stdout  # The printed table.
+  standard_goals = summary['goal_tables']['2. training at the standard grid (prior on)']
+  assert standard_goals and all(g['met'] for g in standard_goals)
+  assert all(g['met'] is None for g in summary['goal_tables']['3. accelerator'])
+  assert '| not measured | not measured |' in proc.stdout  # GPU rows on a CPU host.
 
 
 def test_summarize_ratios_and_goals():
   timing = lambda per_sample: {'per_sample_s': per_sample, 'samples_per_s': 1 / per_sample}
   gen = lambda size, devices, fwd, tr: {
       'size': size, 'devices': devices, 'forward': timing(fwd), 'train': timing(tr),
-      'velocity': {'forward': {'median_s': 0.1}, 'forward_backward': {'median_s': 0.3}}}
+      'velocity': {'forward': {'per_sample_s': 0.1, 'batch': 1, 'by_batch': {'1': 0.1}},
+                   'forward_backward': {'per_sample_s': 0.25, 'batch': 2,
+                                        'by_batch': {'1': 0.3, '2': 0.25}}}}
   ref = lambda batch, per_sample: {
       'size': '64x64x64', 'batch': batch, 'params': 7, 'threads': 2,
       **{k: {'per_sample_s': per_sample} for k in ('forward', 'train_step', 'velocity_forward',
@@ -107,11 +119,17 @@ def test_summarize_ratios_and_goals():
   train_row = row['train_step']
   assert train_row['ratio_batch1'] == pytest.approx(2.0 / 4.0)
   assert train_row['ratio_best'] == pytest.approx(1.6 / 0.8)
-  assert (train_row['ours_best_devices'], train_row['torch_best_batch']) == (2, 2)
+  assert (train_row['ours_best'], train_row['torch_best_batch']) == ('2 dev', 2)
+  velocity = row['velocity_forward_backward']  # One device, best batch vs best batch.
+  assert velocity['ours_1device_s'] == 0.3 and velocity['ours_best'] == 'b=2'
+  assert velocity['ratio_best'] == pytest.approx(0.25 / 0.8)
   assert summary['device_scaling']['64x64x64/2'] == pytest.approx(2.0 / 1.6)
   assert summary['training_consumption_samples_per_s'] == pytest.approx(1 / 1.6)
   met = [(' '.join(g['goal'].split(' ')[:3]), g['met']) for g in summary['goals']]
-  assert met == [('train step s/sample', False), ('forecast latency at', False),
+  assert met == [('velocity network forward+backward', True), ('velocity network forward', True),
+                 ('train step achieved', None), ('forecast latency at', None),
+                 ('float32 vs bfloat16', None),
+                 ('train step s/sample', False), ('forecast latency at', False),
                  ('forecast latency at', True), ('train samples/s 2', True), ('pipeline cached pairs/s', True),
                  ('pipeline cold (parallel', True), ('pipeline cold (one', False)]
   assert 'error: boom' in benchmark_report.format_tables(results)
@@ -158,6 +176,29 @@ def test_train_step_compiles_once(fast_compiles):
     jax.monitoring.unregister_event_duration_listener(listener)
 
 
+def test_velocity_network_task_with_prior(fast_compiles):
+  """The network alone (MLP + U-Net + head, the prior's rates as conditioning) at batches 1
+  and 2: the best batch is kept, the other's time recorded."""
+  config = tiny_config('')
+  assert config.model.prior  # The default.
+  params = train.create_train_state(config, jax.random.PRNGKey(0)).params
+  result = benchmark_tasks._velocity_network(
+      config, params, {'size': TINY, 'repetitions': 1, 'warmup': 0, 'velocity_batches': [1, 2]})
+  for key in ('forward', 'forward_backward'):
+    r = result[key]
+    assert set(r['by_batch']) == {'1', '2'} and r['per_sample_s'] == min(r['by_batch'].values())
+    _positive(r, 'flops')
+    _positive(r, 'gflop_per_s')
+
+
+def test_random_batch_carries_prior_inputs():
+  config = tiny_config('', **{'loss.dice': 0.0, 'loss.volume': 0.0})
+  batch = benchmark_tasks.random_batch(config, TINY, 2)
+  assert batch['prior_log_rates'].shape == (2, 4) and batch['baseline_labels'].shape == (2, *TINY)
+  config.model.prior = False
+  assert 'prior_log_rates' not in benchmark_tasks.random_batch(config, TINY, 2)
+
+
 def test_torch_reference_matches_generator(fast_compiles):
   """Same weights, same inputs: the PyTorch + MONAI model gives our velocity, displacement,
   prediction, Jacobian and loss (so the comparison times the same computation)."""
@@ -168,6 +209,7 @@ def test_torch_reference_matches_generator(fast_compiles):
   assert torch_reference.NUM_CLASSES == labels.NUM_CLASSES
   config = tiny_config('')
   config.model.features = (4, 8, 16)  # Three levels, as the default model.
+  config.model.prior = False  # The reference has no prior field (its timing says so).
   model = train.create_model(config)
   params = train.create_train_state(config, jax.random.PRNGKey(0)).params
   leaves, treedef = jax.tree_util.tree_flatten(params)
