@@ -138,7 +138,10 @@ class Forecaster:
       finally:
         checkpointer.close()
     regional = metadata.get('regional_model')
-    return cls(config, state.params, normalizer,
+    params = state.params
+    if not metadata.get('residual', {}).get('enabled', True):  # It did not beat the prior.
+      params = train.zero_residual(params)
+    return cls(config, params, normalizer,
                None if regional is None else regional_model.RegionalModel.from_dict(regional))
 
   def prepare(self, baseline: ImageLike, labels: ImageLike | None = None) -> Subject:

@@ -204,6 +204,27 @@ def label_volume_error(sums: LabelSums, offset_voxels: float = 2.0) -> Array:
   return jnp.sum(present * ratio * ratio, axis=1) / jnp.maximum(count, 1.0)
 
 
+# Regions whose volume error `headline_volume_error` reports (evaluation headline + amygdala).
+HEADLINE_REGIONS = ('hippocampus', 'amygdala', 'lateral_ventricles', 'whole_brain')
+
+
+def _region_membership() -> jnp.ndarray:
+  """[classes - 1, regions] 0/1: which label classes (background excluded) make each region."""
+  membership = [[float(class_id in labels.REGIONS[region]) for region in HEADLINE_REGIONS]
+                for class_id in labels.CLASS_IDS[1:]]
+  return jnp.asarray(membership, jnp.float32)
+
+
+def headline_volume_error(sums: LabelSums, offset_voxels: float = 2.0) -> Array:
+  """`label_volume_error` over the bilateral `HEADLINE_REGIONS` instead of every class: [B].
+
+  A metric, not a loss term: it tells whether training improved the volumes the evaluation
+  scores (the anchored generator's residual is kept only if it does, see `train`).
+  """
+  membership = _region_membership()
+  return label_volume_error(LabelSums(*(s @ membership for s in sums)), offset_voxels)
+
+
 def _dice_loss_from_sums(inter: Array, total: Array, eps: float) -> Array:
   """1 - mean Dice over the classes present, from per-class sums [B, K]: [B]."""
   dice = 2.0 * inter / jnp.maximum(total, eps)
@@ -257,6 +278,7 @@ def total_loss(outputs: Mapping[str, Array], batch: Mapping[str, Any],
       metrics['dice'] = label_dice_loss(sums)
     if w['volume']:
       metrics['volume'] = label_volume_error(sums)
+      metrics['headline_volume'] = headline_volume_error(sums)
   if w['folding']:
     metrics['folding'] = folding(outputs['jacobian'])
   term_of = {'image': 'mse', 'ncc': 'ncc', 'smoothness': 'smoothness', 'dice': 'dice',

@@ -19,8 +19,8 @@ import optax
 import pandas as pd
 from absl import logging
 
-from progression import (checkpoints, cohort, covariates, input_pipeline, io, metric_writers,
-                         parallel, preprocess, regional_model, steps)
+from progression import (checkpoints, cohort, cohort_spec, covariates, input_pipeline, io,
+                         metric_writers, parallel, preprocess, regional_model, steps)
 from progression.evaluation import baselines
 from progression.errors import ProgressionError
 from progression.progress import ProgressBar
@@ -36,6 +36,7 @@ class ExperimentData:
   test: pd.DataFrame
   normalizer: covariates.CovariateNormalizer
   grid: preprocess.Grid
+  registration: cohort_spec.RegistrationSpec | None = None  # The spec's `[registration]`.
 
 
 def grid_from_config(config: ml_collections.ConfigDict) -> preprocess.Grid:
@@ -59,7 +60,8 @@ def load_experiment_data(config: ml_collections.ConfigDict) -> ExperimentData:
     raise ProgressionError(f'{config.cohort.root}: the training split has no pairs')
   normalizer = covariates.fit_normalizer(
       [cohort.covariates_of(row) for _, row in by_split['train'].iterrows()])
-  return ExperimentData(**by_split, normalizer=normalizer, grid=grid_from_config(config))
+  return ExperimentData(**by_split, normalizer=normalizer, grid=grid_from_config(config),
+                        registration=spec.registration)
 
 
 def create_model(config: ml_collections.ConfigDict) -> generator.ProgressionGenerator:
@@ -174,8 +176,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path
     config = _with_loss(config, dice=0.0, volume=0.0)
     config.model.prior = False
   regional = fit_regional_model(config, data) if config.model.prior else None
-  make_dataset = lambda pairs: input_pipeline.PairDataset(pairs, data.grid, cache_dir,
-                                                          data.normalizer, regional)
+  make_dataset = lambda pairs: input_pipeline.PairDataset(
+      pairs, data.grid, cache_dir, data.normalizer, regional,
+      registration_spec=data.registration)
   train_set = make_dataset(data.train)
   val_set = make_dataset(data.val) if len(data.val) else None
   for name, dataset in (('training', train_set), ('validation', val_set)):
@@ -211,6 +214,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path
        for step in range(start_step, config.num_steps)), config.prefetch_batches)
 
   progress = _Progress(start_step, config.num_steps)
+  prior_only = None  # Validation metrics of the prior alone (the same at every step).
   try:
     for step in range(start_step + 1, config.num_steps + 1):
       rstate, metrics = p_train_step(rstate, parallel.shard_batch(next(batches)), rrng)
@@ -230,6 +234,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path
         val_metrics = evaluate(p_eval_step, rstate, val_set, local_batch)
         writer.write(step, 'val', val_metrics)
         logging.info('step %d validation loss %.5f', step, val_metrics['loss'])
+        if config.model.prior:
+          prior_only = prior_only or evaluate(p_eval_step, zero_residual(rstate), val_set,
+                                              local_batch)
+          metadata = {**metadata, 'residual': residual_gate(step, val_metrics, prior_only)}
+          logging.info('step %d residual %s on validation (volume error %.3g vs prior %.3g)',
+                       step, 'kept' if metadata['residual']['enabled'] else 'switched off',
+                       metadata['residual']['with_residual'],
+                       metadata['residual']['prior_only'])
       if step % config.checkpoint_every_steps == 0 or step == config.num_steps:
         checkpointer.save(step, parallel.unreplicate(rstate), metadata)
   finally:
@@ -237,6 +249,32 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path
     checkpointer.close()
     writer.close()
   return parallel.unreplicate(rstate)
+
+
+RESIDUAL_HEAD = 'velocity_head'  # The anchored generator's residual: zero = the prior alone.
+
+
+def zero_residual(state):
+  """`state` (or its params) with the residual head zeroed: the anchored generator's prior."""
+  params = state.params if hasattr(state, 'params') else state
+  params = {**params, RESIDUAL_HEAD: jax.tree_util.tree_map(jnp.zeros_like,
+                                                             params[RESIDUAL_HEAD])}
+  return state.replace(params=params) if hasattr(state, 'params') else params
+
+
+def residual_gate(step: int, with_residual: dict, prior_only: dict) -> dict:
+  """Keeps the learned residual only if it lowers the validation volume error.
+
+  The anchored generator must never be worse than its prior (DESIGN.md): the checkpoint
+  records this decision and `Forecaster` drops a residual that did not help. The criterion is
+  the validation `headline_volume` metric (squared log ratio of predicted to real volumes of
+  the evaluation's regions, `losses.headline_volume_error`), or the loss when the volume term
+  is off.
+  """
+  key = 'headline_volume' if 'headline_volume' in with_residual else 'loss'
+  ours, prior = float(with_residual[key]), float(prior_only[key])
+  return {'enabled': ours < prior, 'metric': key, 'with_residual': ours, 'prior_only': prior,
+          'step': int(step)}
 
 
 def _with_loss(config: ml_collections.ConfigDict, **changes) -> ml_collections.ConfigDict:

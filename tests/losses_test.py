@@ -1,11 +1,12 @@
 """Losses against numpy truth functions, through jax.jit, per example."""
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from scipy import ndimage
 
-from progression import losses
+from progression import labels, losses
 from progression.models import warp as warp_lib
 from progression.errors import ProgressionError
 
@@ -113,7 +114,8 @@ def test_total_loss_is_weighted_sum_of_terms():
           + 4.0 * 0.0  # Zero displacement, the follow-up's class counts equal the baseline's.
           + 3.0 * losses.folding(out['jacobian']))
   np.testing.assert_allclose(loss, want, rtol=1e-5)
-  assert set(metrics) == {'mse', 'ncc', 'smoothness', 'dice', 'volume', 'folding', 'loss'}
+  assert set(metrics) == {'mse', 'ncc', 'smoothness', 'dice', 'volume', 'headline_volume',
+                          'folding', 'loss'}
   np.testing.assert_allclose(metrics['volume'], 0.0, atol=1e-7)
   assert all(v.shape == (2,) for v in metrics.values())
 
@@ -199,3 +201,20 @@ def test_shape_mismatch_errors():
     losses.dice_loss(np.zeros((1, 4, 4, 4, 3)), np.zeros((1, 4, 4, 4, 2)))
   with pytest.raises(ProgressionError, match='mask'):
     losses.mse(np.zeros((1, 4, 4, 4, 1)), np.zeros((1, 4, 4, 4, 1)), np.zeros((1, 4, 4)))
+
+
+def test_headline_volume_error_sums_classes_into_regions():
+  k = labels.NUM_CLASSES - 1
+  target = np.zeros((1, k), np.float32)
+  warped = np.zeros((1, k), np.float32)
+  left, right = (labels.CLASS_IDS.index(i) - 1 for i in (labels.LEFT_HIPPOCAMPUS,
+                                                         labels.RIGHT_HIPPOCAMPUS))
+  target[0, [left, right]] = 100.0
+  warped[0, left], warped[0, right] = 110.0, 90.0      # Errors cancel in the bilateral sum.
+  sums = losses.LabelSums(warped, jnp.asarray(warped), jnp.asarray(target))
+  assert float(losses.headline_volume_error(sums)[0]) == pytest.approx(0.0, abs=1e-10)
+  assert float(losses.label_volume_error(sums)[0]) > 1e-3              # Per class they do not.
+  warped[0, right] = 110.0
+  sums = losses.LabelSums(warped, jnp.asarray(warped), jnp.asarray(target))
+  expected = np.log(222.0 / 202.0) ** 2                                 # One region present.
+  assert float(losses.headline_volume_error(sums)[0]) == pytest.approx(expected, rel=1e-5)

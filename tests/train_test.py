@@ -159,3 +159,21 @@ def test_two_processes_train_and_agree(synthetic_cohort, tmp_path):
     assert len(a.files) > 0
     for key in a.files:
       np.testing.assert_array_equal(a[key], b[key])
+
+
+def test_residual_gate_keeps_the_residual_only_when_it_helps():
+  kept = train.residual_gate(7, {'headline_volume': 0.1, 'loss': 9.0},
+                             {'headline_volume': 0.2, 'loss': 1.0})
+  assert kept == {'enabled': True, 'metric': 'headline_volume', 'with_residual': 0.1,
+                  'prior_only': 0.2, 'step': 7}
+  assert not train.residual_gate(7, {'loss': 2.0}, {'loss': 1.0})['enabled']
+  config = tiny_config('unused')
+  params = train.create_train_state(config, jax.random.PRNGKey(0)).params
+  params = {**params, train.RESIDUAL_HEAD: jax.tree_util.tree_map(
+      lambda x: x + 1.0, params[train.RESIDUAL_HEAD])}
+  zeroed = train.zero_residual(params)
+  assert all(not np.any(x) for x in _leaves(zeroed[train.RESIDUAL_HEAD]))
+  others = [k for k in params if k != train.RESIDUAL_HEAD]
+  for key in others:
+    for a, b in zip(_leaves(params[key]), _leaves(zeroed[key])):
+      np.testing.assert_array_equal(a, b)
