@@ -88,7 +88,7 @@ def evaluate_checkpoint(checkpoint: str | Path, out: str | Path, split: str = 't
   data = train.load_experiment_data(config)
   pairs = getattr(data, split)
   where = f'split {split!r} of cohort {config.cohort.spec!r} at {config.cohort.root}'
-  report.check_pairs(pairs, where)
+  pairs = report.check_pairs(pairs, where, data.registration)
   volume_method = baselines.volume_method_of(pd.concat([data.train, pairs]))
   rates = baselines.fit_population_rates(
       baselines.training_volume_table(data.train, volume_method,
@@ -104,7 +104,8 @@ def evaluate_checkpoint(checkpoint: str | Path, out: str | Path, split: str = 't
              baselines.NoChangeBaseline(volume_method),
              *references.reference_methods(config.cohort.root, volume_method)]
   evaluation = report.evaluate_pairs(pairs, methods, volume_method, num_examples,
-                                     ProgressBar(f'{split} pairs evaluated'), where)
+                                     ProgressBar(f'{split} pairs evaluated'), where,
+                                     registration_spec=data.registration)
   summary = report.summarize(evaluation.rows)
   context = {'checkpoint': Path(checkpoint).absolute(), 'step': metadata.get('step'),
              'cohort': f'{config.cohort.spec} at {config.cohort.root}', 'split': split,
