@@ -19,7 +19,7 @@ from progression.evaluation import report
 from tests.conftest import tiny_config
 
 REPO = Path(__file__).resolve().parents[1]
-METHODS = {'model', 'population_rate', 'no_change'}
+METHODS = {'model', 'regional_model', 'population_rate', 'no_change', 'oracle', 'expected'}
 
 
 def _evaluate(*args: str) -> subprocess.CompletedProcess:
@@ -62,7 +62,8 @@ def test_cli_writes_the_four_files_with_one_row_per_pair_region_method(cli_repor
                                                                        synthetic_cohort):
   out, result = cli_report
   test_pairs = _splits(synthetic_cohort)['test']
-  assert {p.name for p in out.iterdir()} == {*report.REPORT_FILES, 'population_rates.json'}
+  assert {p.name for p in out.iterdir()} == {*report.REPORT_FILES, 'population_rates.json',
+                                             'regional_model.json'}
   rows = pd.read_csv(out / 'pairs.csv')
   assert len(rows) == len(test_pairs) * len(L.REGIONS) * len(METHODS)
   assert set(rows.method) == METHODS and set(rows.region) == set(L.REGIONS)
@@ -74,8 +75,9 @@ def test_cli_writes_the_four_files_with_one_row_per_pair_region_method(cli_repor
   n = len(test_pairs)
   assert f'{n}/{n} test pairs evaluated' in result.stderr  # The progress bar.
   assert f'report: {out / "report.html"}' in result.stdout
-  for method in METHODS:
-    assert f'| {method} |' in result.stdout  # The headline table.
+  for method in METHODS:  # The headline table; references marked as such.
+    suffix = ' (reference)' if method in ('oracle', 'expected') else ''
+    assert f'| {method}{suffix} |' in result.stdout
   html = (out / 'report.html').read_text()
   assert html.count('src="data:image/png;base64,') >= 3 and 'src="http' not in html
   summary = pd.read_csv(out / 'summary.csv')

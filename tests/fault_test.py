@@ -174,7 +174,7 @@ def test_training_killed_at_5_seeded_points_ends_like_an_uninterrupted_run(
 
 def _report_files(out: Path) -> tuple[dict[str, bytes], list[str]]:
   """(final-name file -> bytes, hidden leftovers) of a report folder; nothing else allowed."""
-  expected = set(report.REPORT_FILES) | {'population_rates.json'}
+  expected = set(report.REPORT_FILES) | {'population_rates.json', 'regional_model.json'}
   if not out.exists():
     return {}, []
   names = sorted(p.name for p in out.iterdir())
@@ -215,7 +215,7 @@ def test_evaluate_killed_leaves_only_complete_files_and_a_rerun_completes(traine
   _run_ok(_cli('experiments.evaluate', *flags, *overwrite()), tmp_path / 'evaluate_3.log',
           _PINNED_HASH_ENV)
   final, leftovers = _report_files(out)
-  assert set(final) == set(report.REPORT_FILES) | {'population_rates.json'}
+  assert set(final) == set(report.REPORT_FILES) | {'population_rates.json', 'regional_model.json'}
   for files, hidden in after_kill:
     assert not hidden, f'temporary files inside {out} after a kill: {hidden}'
     for name, data in files.items():

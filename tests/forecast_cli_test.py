@@ -73,8 +73,9 @@ def test_cli_writes_named_files_on_the_input_grid(cli_outputs, non_ras_inputs):
 def test_volumes_csv_matches_the_written_jacobians(cli_outputs, non_ras_inputs):
   _, dseg = non_ras_inputs
   table = pd.read_csv(cli_outputs / 'volumes.csv')
-  assert list(table.columns) == ['years', 'region', 'volume_ml', 'baseline_volume_ml',
-                                 'change_pct', 'method']
+  assert list(table.columns) == ['years', 'region', 'volume_ml', 'lower_ml', 'upper_ml',
+                                 'baseline_volume_ml', 'change_pct', 'method']
+  assert (table.lower_ml < table.volume_ml).all() and (table.volume_ml < table.upper_ml).all()
   assert sorted(table.years.unique()) == [1.0, 1.5, 3.0]
   assert set(table.method) == {'labels'}
   label_image = nib.load(dseg)

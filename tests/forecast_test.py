@@ -176,9 +176,9 @@ def test_warped_label_volumes_follow_the_jacobian(forecaster, baseline_files):
 def test_composition_of_horizons(forecaster, baseline_files):
   """φ_{t1+t2} = φ_{t2}∘φ_{t1} on the model grid: one velocity gives consistent horizons."""
   from progression.models import warp
-  image_path, _ = baseline_files
-  subject = forecaster.prepare(image_path)
-  velocity = forecaster.velocity(subject, COVARIATES)[None]
+  image_path, labels_path = baseline_files  # Labels: the anchored generator's prior needs them.
+  subject = forecaster.prepare(image_path, labels_path)
+  velocity = forecaster.velocity(subject, COVARIATES, years=1.0)[None]
   d = {t: warp.integrate_velocity(velocity, np.array([t], np.float32),
                                   upsample_factor=forecaster.downsize) for t in (1.0, 2.0, 3.0)}
   composed = warp.compose(d[1.0], d[2.0])
