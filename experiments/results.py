@@ -21,6 +21,10 @@ from progression.evaluation import figures, report
 _REPORT = flags.DEFINE_string('report', None, 'Evaluation report folder (summary.csv, ...).')
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Training workdir (metrics.jsonl), optional.')
 _COMMAND = flags.DEFINE_string('command', '', 'The commands that produced the run, quoted.')
+_CURVE = flags.DEFINE_string('learning_curve', None,
+                             'CSV of `experiments.learning_curve`, optional.')
+_CURVE_COMMAND = flags.DEFINE_string('learning_curve_command', '',
+                                     'The command that produced the learning curve.')
 _OUT = flags.DEFINE_string('out', 'RESULTS.md', 'Markdown file to (re)write.')
 flags.mark_flag_as_required('report')
 
@@ -59,7 +63,20 @@ def comparison_table(comparisons: pd.DataFrame, regions) -> pd.DataFrame:
       'subjects': table.n_subjects})
 
 
-def render(report_dir: Path, workdir: Path | None, command: str) -> str:
+def curve_table(curve: pd.DataFrame) -> pd.DataFrame:
+  """Region x training subjects: MAE (mL) per method, and regional - population [95 % CI]."""
+  mae = curve.pivot_table(index=['region', 'train_subjects'], columns='method',
+                          values='mae_ml').reset_index()
+  versus = curve[curve.method == 'population_rate'].set_index(['region', 'train_subjects'])
+  mae['regional - population mL [95% CI]'] = [
+      f'{versus.loc[(r, n), "regional_minus_method_ml"]:.4f} '
+      f'[{versus.loc[(r, n), "ci95_low"]:.4f}, {versus.loc[(r, n), "ci95_high"]:.4f}]'
+      for r, n in zip(mae.region, mae.train_subjects)]
+  return mae.round(4)
+
+
+def render(report_dir: Path, workdir: Path | None, command: str,
+           curve: Path | None = None, curve_command: str = '') -> str:
   summary = pd.read_csv(report_dir / 'summary.csv')
   comparisons = pd.read_csv(report_dir / 'comparisons.csv')
   regions = report.HEADLINE_REGIONS['labels'] + ('amygdala',)
@@ -81,6 +98,15 @@ def render(report_dir: Path, workdir: Path | None, command: str) -> str:
             'references, not competitors.', '',
             '## Model vs each method: subject-level paired bootstrap of |error| (mL)', '',
             figures.markdown_table(comparison_table(comparisons, regions)), '']
+  if curve is not None:
+    table = pd.read_csv(curve)
+    lines += ['## Learning curve: regional model vs population rate by training subjects', '',
+              f'Test split of {int(table.test_subjects.iloc[0])} subjects; MAE in mL; the last '
+              'column is the subject-level paired difference (negative: the regional model '
+              'is better).', '']
+    if curve_command:
+      lines += ['```', curve_command, '```', '']
+    lines += [figures.markdown_table(curve_table(table)), '']
   return '\n'.join(lines) + '\n'
 
 
@@ -88,7 +114,8 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   text = render(Path(_REPORT.value), Path(_WORKDIR.value) if _WORKDIR.value else None,
-                _COMMAND.value)
+                _COMMAND.value, Path(_CURVE.value) if _CURVE.value else None,
+                _CURVE_COMMAND.value)
   out = Path(_OUT.value)  # Written beside, then renamed: never half-written.
   tmp = out.with_name(f'.{out.name}.tmp')
   tmp.write_text(text)
