@@ -12,7 +12,8 @@ into the batch axis (a free reshape), runs several times faster and is exact
     layers (Cout 3-32), most of all the 16->3 velocity head.
 `conv3x3x3` runs the output side forward and, through a custom VJP, the output
 side again for the input gradient (a convolution of the output gradient with the
-flipped kernel) and the input side for the kernel gradient.
+flipped kernel) and the input side for the kernel gradient (the output side for
+thin outputs such as the 3-channel velocity head, where it is faster).
 `nn.ConvTranspose` with kernel 2 / stride 2 is ~11x slower than the einsum +
 reshape used here. On GPU/TPU the native convolution is the fast one, so
 `impl='auto'` picks by `jax.default_backend()`.
@@ -94,11 +95,32 @@ def _depth_taps_fwd(x, kernel):
   return _output_side_taps(x, kernel), (x, kernel)
 
 
+_THIN_OUTPUT = 4  # Cout up to this: the kernel gradient of the output-side form is faster.
+
+
+def _output_side_kernel_grad(x: Array, dy: Array) -> Array:
+  """Kernel gradient [3, 3, 3, Cin, Cout] of `_output_side_taps` at x [B,X,Y,Z,Cin] for the
+  output gradient dy [B,X,Y,Z,Cout]: one 2D kernel-gradient conv against dy shifted by each
+  x tap (stacked on channels, [B,X,Y,Z,3 Cout]). 1.4-2x faster than the input side for the
+  velocity head (Cout 3), slower for wider outputs."""
+  cin, cout = x.shape[-1], dy.shape[-1]
+  zero = jnp.zeros_like(dy[:, :1])
+  # Tap kx of plane x feeds out[x + 1 - kx].
+  shifted = jnp.concatenate([jnp.concatenate([dy[:, 1:], zero], axis=1), dy,
+                             jnp.concatenate([zero, dy[:, :-1]], axis=1)], axis=-1)
+  stacked = jnp.zeros((3, 3, cin, 3 * cout), dy.dtype)
+  (grad,) = jax.vjp(lambda k: _conv2d_yz(x, k), stacked)[1](shifted)
+  return jnp.moveaxis(grad.reshape(3, 3, cin, 3, cout), 3, 0)
+
+
 def _depth_taps_bwd(residuals, dy):
   x, kernel = residuals
   # Input gradient: correlation of dy with the flipped kernel, in/out channels swapped.
   dx = _output_side_taps(dy, jnp.flip(kernel, (0, 1, 2)).swapaxes(3, 4))
-  (dkernel,) = jax.vjp(lambda k: _input_side_taps(x, k), kernel)[1](dy)
+  if kernel.shape[-1] <= _THIN_OUTPUT:
+    dkernel = _output_side_kernel_grad(x, dy).astype(kernel.dtype)
+  else:
+    (dkernel,) = jax.vjp(lambda k: _input_side_taps(x, k), kernel)[1](dy)
   return dx, dkernel
 
 
