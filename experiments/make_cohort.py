@@ -13,7 +13,7 @@ import pandas as pd
 from absl import app, flags, logging
 
 from experiments import common
-from progression import synthetic
+from progression import cohort_statistics, synthetic
 from progression.errors import ProgressionError
 
 _OUT = flags.DEFINE_string('out', None, 'Cohort folder to create (absent or empty).')
@@ -55,7 +55,7 @@ def main(argv):
       n_visits=_VISITS.value, seed=_SEED.value, visit_interval_years=_INTERVAL.value,
       progress=progress, workers=_WORKERS.value, motion_mm=_MOTION.value)
   logging.info('cohort ready in %.1f s', time.monotonic() - start)
-  summary = synthetic.summarize_cohort(root)
+  summary = cohort_statistics.summarize_cohort(root)
   table = pd.DataFrame({'subjects': summary.subjects})
   for region in ('hippocampus', 'lateral_ventricles', 'whole_brain'):
     table[f'{region} %/y measured'] = summary[f'{region}_measured'].round(2)
@@ -66,7 +66,7 @@ def main(argv):
   print(table.T.to_string())
   print('signal at baseline: correlation of the latent disease stage with what a forecaster '
         'sees (fractions of the intracranial volume) and with the future hippocampal rate:')
-  print(synthetic.signal_statistics(synthetic.baseline_signal(root)).round(2).to_string())
+  print(cohort_statistics.signal_statistics(cohort_statistics.baseline_signal(root)).round(2).to_string())
 
 
 if __name__ == '__main__':

@@ -20,12 +20,12 @@ Rates are compound: V(t) = V(0) (1 + rate/100)^t, the convention of
 `progression.evaluation.volumes.annualized_percent_change`. Who progresses how fast, and how
 much of it a forecaster can read at baseline, is `progression.disease_model` (a latent
 disease stage drives baseline anatomy, scores and rates). The coefficients of v are
-calibrated per subject by Newton steps on the volumes *measured on the rendered follow-up
-label maps* (log-linear least squares over the visits) until each controlled region is within
-about one voxel of its target (at most `MAX_NEWTON_STEPS`). Deep structures are labelled
+calibrated per subject (`progression.atrophy_calibration`) so the volumes *measured on the
+rendered follow-up label maps* follow the subject's rates to about a voxel. Deep structures are labelled
 count-exact (`phantom._count_exact`): a hippocampus's label count is its continuous volume
 to half a voxel, so on a 2 mm grid the label-count annual rate agrees with the true
-deformation's Jacobian-integrated rate to ~0.1 %/year (tests/synthetic_test.py measures it);
+deformation's Jacobian-integrated rate to an SD of ~0.2 %/year over 1-year pairs
+(tests/synthetic_test.py measures it);
 what remains is the half-voxel rounding and the coarse velocity grid's Jacobian.
 """
 
@@ -44,6 +44,7 @@ import pandas as pd
 import progression
 from progression import io
 from progression import labels as L
+from progression import atrophy_calibration
 from progression import disease_model
 from progression import phantom
 from progression import workers as worker_pool
@@ -52,18 +53,6 @@ from progression.errors import ProgressionError
 DIAGNOSES = disease_model.DIAGNOSES
 DIAGNOSIS_FRACTIONS = disease_model.DIAGNOSIS_FRACTIONS
 RATE_REGIONS = disease_model.RATE_REGIONS  # Regions with true and expected rate columns.
-# Controlled targets: (region whose rate applies, label ids measured, velocity field).
-_TARGETS = (
-    ('whole_brain', L.REGIONS['whole_brain'], None),
-    ('hippocampus', (L.LEFT_HIPPOCAMPUS,), ('hippocampus', 0)),
-    ('hippocampus', (L.RIGHT_HIPPOCAMPUS,), ('hippocampus', 1)),
-    ('amygdala', (L.LEFT_AMYGDALA,), ('amygdala', 0)),
-    ('amygdala', (L.RIGHT_AMYGDALA,), ('amygdala', 1)),
-    ('lateral_ventricles', (L.LEFT_LATERAL_VENTRICLE,), ('lateral_ventricle', 0)),
-    ('lateral_ventricles', (L.RIGHT_LATERAL_VENTRICLE,), ('lateral_ventricle', 1)),
-)
-MAX_NEWTON_STEPS = 3
-_ID_COUNT = 1 + max(max(ids) for ids in L.REGIONS.values())  # bincount length.
 NOISE_FRACTION = 0.03  # Rician noise std / WM intensity.
 GAIN_SD = 0.05  # Log-sd of the global intensity gain of each visit (scanner drift).
 
@@ -141,99 +130,6 @@ def _plan_subject(index: int, participant_id: str, dx: str, months: list[int],
 
 # ------------------------------------------------------------------------- simulation
 
-def _target_counts(labels: np.ndarray) -> np.ndarray:
-  """Voxel counts of each controlled target (`_TARGETS`) in a label map."""
-  per_id = np.bincount(labels.ravel().astype(np.intp), minlength=_ID_COUNT)
-  return np.array([per_id[list(ids)].sum() for _, ids, _ in _TARGETS], dtype=np.float64)
-
-
-def _gain_matrix(basis: np.ndarray, grid: phantom.CoarseGrid,
-                 labels: np.ndarray) -> np.ndarray:
-  """d log(volume_k) / dt per unit coefficient j at t = 0: mean divergence of field j on k.
-
-  The divergence (1/year) is taken on the coarse grid at the point nearest each voxel of k.
-  """
-  div = sum(np.gradient(basis[:, i], grid.spacing_mm, axis=i + 1) for i in range(3))
-  gain = np.zeros((len(_TARGETS), len(basis)))
-  for k, (_, ids, _) in enumerate(_TARGETS):
-    voxels = np.nonzero(np.isin(labels, ids))
-    if len(voxels[0]):
-      nearest = tuple(np.rint(v / grid.factor).astype(np.intp) for v in voxels)
-      gain[k] = div[(slice(None),) + nearest].mean(axis=1)
-  return gain
-
-
-def _pullbacks(coefficients, basis, grid, years: list[float]) -> list[np.ndarray]:
-  """Coarse displacements (mm) of phi_t^-1 = exp(-t v) for each follow-up time t (years).
-
-  A time that is the previous one plus the first is composed from those two maps
-  (phi_{t+t1}^-1 = phi_t^-1 o phi_t1^-1, as the stationary field implies); others are
-  integrated.
-  """
-  velocity = sum(np.float32(c) * b for c, b in zip(coefficients, basis))
-  index = np.indices(basis.shape[2:], dtype=np.float32)
-  maps = []
-  for k, t in enumerate(years):
-    if k and abs(t - years[k - 1] - years[0]) < 1e-9:
-      first = maps[0]
-      maps.append(first + phantom.sample_linear(maps[-1], index + first / grid.spacing_mm))
-    else:
-      maps.append(phantom.integrate(velocity, -t, grid))
-  return maps
-
-
-def _render_followups(anat, coefficients, basis, grid, world, years, voxel_mm, with_intensity):
-  """Per follow-up: (labels, intensities or None, displacement mm, anatomical coordinates)."""
-  followups = []
-  for coarse in _pullbacks(coefficients, basis, grid, years):
-    displacement = phantom.upsample(coarse, grid)
-    r = phantom.anatomical_coordinates(anat, world + displacement)
-    followups.append(phantom.render(anat, r, voxel_mm, with_intensity) + (displacement, r))
-  return followups
-
-
-def calibrate_followups(anat: phantom.Anatomy, world: np.ndarray, voxel_mm: float,
-                        baseline_labels: np.ndarray, years: list[float],
-                        rates: dict) -> list[tuple]:
-  """Renders the follow-ups with velocity coefficients fitted so volumes follow `rates`.
-
-  Newton iterations on the log-linear least-squares annual change of each controlled region
-  (measured on rendered label maps), with the first-order gain matrix; stops when every
-  region is within ~1 voxel of its target at the last visit, else keeps the best of
-  `MAX_NEWTON_STEPS`.
-
-  Returns:
-    per follow-up: (labels, intensities or None, displacement mm `[3,x,y,z]`, anatomical
-    coordinates `[3,x,y,z]`).
-  """
-  grid = phantom.coarse_grid(baseline_labels.shape, voxel_mm)
-  basis = phantom.velocity_basis(anat, grid, [f for _, _, f in _TARGETS])
-  gain = _gain_matrix(basis, grid, baseline_labels)
-  counts0 = _target_counts(baseline_labels)
-  active = np.flatnonzero(counts0 > 0)
-  times = np.asarray(years, dtype=np.float64)
-  target = np.array([math.log1p(rates[region] / 100.0) for region, _, _ in _TARGETS])
-  tolerance = 1.0 * times.max() / (times @ times) / np.maximum(counts0, 1.0)
-  coefficients = np.zeros(len(_TARGETS))
-  step = np.linalg.lstsq(gain[np.ix_(active, active)], target[active], rcond=None)[0]
-  best = None
-  for iteration in range(MAX_NEWTON_STEPS):
-    coefficients[active] += step
-    last = iteration == MAX_NEWTON_STEPS - 1  # Render intensities now: likely the keeper.
-    followups = _render_followups(anat, coefficients, basis, grid, world, years, voxel_mm, last)
-    counts = np.stack([_target_counts(f[0]) for f in followups])
-    measured = times @ np.log(np.maximum(counts, 0.5) / np.maximum(counts0, 1.0)) / (
-        times @ times)
-    error = (target - measured)[active]
-    score = float(np.sqrt(np.mean((error / tolerance[active]) ** 2)))
-    if best is None or score < best[0]:
-      best = (score, followups)
-    if np.all(np.abs(error) <= tolerance[active]):
-      break
-    step = np.linalg.lstsq(gain[np.ix_(active, active)], error, rcond=None)[0]
-  return best[1]
-
-
 def simulate_subject(plan: SubjectPlan, shape: tuple[int, int, int], voxel_mm: float,
                      seed: int, motion_mm: float = 0.0) -> list[dict]:
   """Renders every visit of one subject.
@@ -259,8 +155,8 @@ def simulate_subject(plan: SubjectPlan, shape: tuple[int, int, int], voxel_mm: f
   sigma = NOISE_FRACTION * anat.gain * float(np.exp(scanner.normal(0.0, 0.1)))
   years = [v.years for v in plan.visits[1:]]
   motions = [np.eye(4)] + [_rigid_motion(scanner, motion_mm) for _ in years]
-  followups = calibrate_followups(anat, world, voxel_mm, labels0, years, plan.rates) if (
-      years) else []
+  followups = atrophy_calibration.calibrate_followups(anat, world, voxel_mm, labels0, years,
+                                                     plan.rates) if years else []
   visits = []
   for k, stream in enumerate(streams[2:]):
     if k == 0:
@@ -371,7 +267,7 @@ def _make_subject(job: tuple) -> tuple[int, list[dict]]:
                   affine, dtype=np.int16)
     io.save_labels(_anat_path(root, plan.participant_id, visit.session, 'dseg'),
                    result['labels'], affine)
-    per_id = np.bincount(result['labels'].ravel().astype(np.intp), minlength=_ID_COUNT)
+    per_id = L.id_counts(result['labels'])
     row = {'subject': plan.participant_id, 'session': visit.session,
            'years_from_first': visit.years, 'stage': plan.baseline.stage}
     row.update({f'{name}_ml': float(per_id[list(ids)].sum()) * voxel_ml
@@ -524,79 +420,3 @@ def _map(jobs: list[tuple], params: dict, workers: int | None):
     seconds = len(jobs) * params['n_visits'] * 0.15 * np.prod(params['shape']) / 64 ** 3
     workers = worker_pool.available_cpus() if seconds > 3.0 else 1
   yield from worker_pool.map_unordered(_make_subject, jobs, workers)
-
-
-def subject_rates(ground_truth: pd.DataFrame, region: str) -> pd.Series:
-  """Per subject, the measured compound annual % change of `region` (log-linear LS fit).
-
-  100 (exp(sum t log(V_t / V_0) / sum t^2) - 1) over the follow-ups t (years) of each subject,
-  from the `<region>_ml` column; NaN for subjects with one visit.
-  """
-  def rate(group):
-    group = group.sort_values('years_from_first')
-    t = group.years_from_first.to_numpy()[1:] - group.years_from_first.iloc[0]
-    v = group[f'{region}_ml'].to_numpy()
-    if len(t) == 0 or v[0] <= 0:
-      return float('nan')
-    return 100.0 * math.expm1(float(t @ np.log(np.maximum(v[1:], 1e-9) / v[0]) / (t @ t)))
-  return ground_truth.groupby('subject').apply(rate, include_groups=False)
-
-
-def summarize_cohort(root: str | os.PathLike) -> pd.DataFrame:
-  """Per baseline diagnosis: subjects, and mean measured vs target annual % change.
-
-  Columns: subjects, then `<region>_measured` and `<region>_target` (% per year, signed) for
-  each of `RATE_REGIONS`. Reads ground_truth.tsv and the sessions tables directly.
-  """
-  root = Path(root)
-  truth = pd.read_csv(root / 'ground_truth.tsv', sep='\t')
-  diagnosis = {s: pd.read_csv(root / s / f'{s}_sessions.tsv', sep='\t').diagnosis.iloc[0]
-               for s in truth.subject.unique()}
-  table = pd.DataFrame({'diagnosis': pd.Series(diagnosis)})
-  for region in RATE_REGIONS:
-    table[f'{region}_measured'] = subject_rates(truth, region)
-    table[f'{region}_target'] = truth.groupby('subject')[f'{region}_annual_rate_pct'].first()
-  summary = table.groupby('diagnosis').mean()
-  summary.insert(0, 'subjects', table.groupby('diagnosis').size())
-  return summary.reindex([d for d in DIAGNOSES if d in summary.index])
-
-
-SIGNAL_COLUMNS = ('hippocampus_fraction', 'lateral_ventricles_fraction', 'mmse',
-                  'hippocampus_rate')
-
-
-def baseline_signal(root: str | os.PathLike) -> pd.DataFrame:
-  """Per subject: diagnosis, stage and what a forecaster can read of it at baseline.
-
-  Columns: diagnosis, stage, hippocampus_fraction and lateral_ventricles_fraction (baseline
-  volume / intracranial volume, both from the label map), mmse (baseline) and
-  hippocampus_rate (the true annual %, signed).
-  """
-  root = Path(root)
-  truth = pd.read_csv(root / 'ground_truth.tsv', sep='\t')
-  first = truth.sort_values('years_from_first').groupby('subject').first()
-  sessions = {s: pd.read_csv(root / s / f'{s}_sessions.tsv', sep='\t').iloc[0]
-              for s in first.index}
-  return pd.DataFrame({
-      'diagnosis': [sessions[s].diagnosis for s in first.index],
-      'stage': first['stage'],
-      'hippocampus_fraction': first['hippocampus_ml'] / first['intracranial_ml'],
-      'lateral_ventricles_fraction': first['lateral_ventricles_ml'] / first['intracranial_ml'],
-      'mmse': [float(sessions[s].MMSE) for s in first.index],
-      'hippocampus_rate': first['hippocampus_annual_rate_pct']}, index=first.index)
-
-
-def signal_statistics(signal: pd.DataFrame) -> pd.DataFrame:
-  """Per diagnosis (and 'all'): subjects and Pearson r of the stage with each `SIGNAL_COLUMNS`.
-
-  `signal` is a `baseline_signal` table. A |r| near 1 means the cohort holds that much signal:
-  a forecaster reading that baseline quantity can rank subjects by their future atrophy.
-  """
-  groups = [(d, signal[signal.diagnosis == d]) for d in DIAGNOSES if (signal.diagnosis == d).any()]
-  rows = []
-  for name, group in groups + [('all', signal)]:
-    row = {'diagnosis': name, 'subjects': len(group)}
-    row.update({f'r(stage, {c})': float(group['stage'].corr(group[c])) if len(group) > 2
-                else math.nan for c in SIGNAL_COLUMNS})
-    rows.append(row)
-  return pd.DataFrame(rows).set_index('diagnosis')

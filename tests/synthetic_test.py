@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 from scipy import ndimage
 
-from progression import disease_model, io, phantom, synthetic
+from progression import cohort_statistics, disease_model, io, phantom, synthetic
 from progression import labels as L
 from progression.errors import ProgressionError
 
@@ -110,7 +110,7 @@ def test_ground_truth_matches_label_maps(cohort):
 def test_measured_atrophy_follows_diagnosis_at_literature_rates(cohort):
   truth = read_tsv(cohort / 'ground_truth.tsv')
   dx = baseline_diagnosis(cohort)
-  measured = {r: synthetic.subject_rates(truth, r) for r in synthetic.RATE_REGIONS}
+  measured = {r: cohort_statistics.subject_rates(truth, r) for r in synthetic.RATE_REGIONS}
   target = truth.groupby('subject').first()
   hippocampus = measured['hippocampus'].groupby(dx).mean()
   assert 0 > hippocampus['CN'] > hippocampus['MCI'] > hippocampus['AD']  # loss CN < MCI < AD
@@ -126,7 +126,7 @@ def test_measured_atrophy_follows_diagnosis_at_literature_rates(cohort):
   assert (measured['whole_brain'] < 0).all()                  # and brain shrinks
   ventricles = measured['lateral_ventricles'].groupby(dx).mean()
   assert ventricles['CN'] < ventricles['MCI'] < ventricles['AD']
-  summary = synthetic.summarize_cohort(cohort)
+  summary = cohort_statistics.summarize_cohort(cohort)
   assert summary.subjects.tolist() == [5, 4, 3]
   assert summary.hippocampus_measured['AD'] == pytest.approx(hippocampus['AD'])
 
@@ -250,8 +250,8 @@ def test_expected_rate_is_the_conditional_mean_of_the_true_rate():
 def test_signal_statistics_against_numpy():
   rng = np.random.default_rng(1)
   signal = pd.DataFrame({'diagnosis': ['CN', 'AD'] * 10, 'stage': rng.normal(size=20),
-                         **{c: rng.normal(size=20) for c in synthetic.SIGNAL_COLUMNS}})
-  table = synthetic.signal_statistics(signal)
+                         **{c: rng.normal(size=20) for c in cohort_statistics.SIGNAL_COLUMNS}})
+  table = cohort_statistics.signal_statistics(signal)
   ad = signal[signal.diagnosis == 'AD']
   assert table.loc['AD', 'subjects'] == 10 and table.loc['all', 'subjects'] == 20
   assert table.loc['AD', 'r(stage, mmse)'] == pytest.approx(
@@ -261,8 +261,8 @@ def test_signal_statistics_against_numpy():
 
 
 def test_cohort_holds_the_stage_signal(cohort):
-  signal = synthetic.baseline_signal(cohort)
-  table = synthetic.signal_statistics(signal)
+  signal = cohort_statistics.baseline_signal(cohort)
+  table = cohort_statistics.signal_statistics(signal)
   assert table.loc['all', 'r(stage, hippocampus_fraction)'] < -0.5
   assert table.loc['all', 'r(stage, lateral_ventricles_fraction)'] > 0.4
   assert table.loc['all', 'r(stage, mmse)'] < -0.7
