@@ -3,7 +3,8 @@
 The benchmark times the real training code (`train.create_train_state`, `steps.train_step`,
 `parallel.pmap_train_step`) and `forecast.Forecaster` with this config. `grid.shape` is
 replaced by each `--sizes` entry for the generator measurements; as given here it is the
-model grid of the forecast and input-pipeline measurements (64^3 voxels at 2 mm).
+model grid of the forecast and input-pipeline measurements (the default experiment's grid,
+96 x 112 x 96 voxels at 2 mm).
 """
 
 from experiments.configs import default
