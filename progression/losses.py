@@ -215,12 +215,21 @@ def _region_membership() -> jnp.ndarray:
   return jnp.asarray(membership, jnp.float32)
 
 
-def headline_volume_error(sums: LabelSums, offset_voxels: float = 2.0) -> Array:
-  """`label_volume_error` over the bilateral `HEADLINE_REGIONS` instead of every class: [B].
+def headline_volume_errors(sums: LabelSums, offset_voxels: float = 2.0) -> Array:
+  """Squared log ratio of predicted to real volume of each of `HEADLINE_REGIONS`: [B, R].
 
-  A metric, not a loss term: it tells whether training improved the volumes the evaluation
-  scores (the anchored generator's residual is kept only if it does, see `train`).
+  Metrics, not loss terms: they tell whether training improved the volumes the evaluation
+  scores (the anchored generator's residual is kept only if it does, see `train`). A region
+  absent from the follow-up gives 0.
   """
+  membership = _region_membership()
+  warped, target = sums.warped @ membership, sums.target @ membership
+  ratio = jnp.log((warped + offset_voxels) / (target + offset_voxels))
+  return jnp.where(target > 0, ratio * ratio, 0.0)
+
+
+def headline_volume_error(sums: LabelSums, offset_voxels: float = 2.0) -> Array:
+  """`label_volume_error` over the bilateral `HEADLINE_REGIONS` instead of every class: [B]."""
   membership = _region_membership()
   return label_volume_error(LabelSums(*(s @ membership for s in sums)), offset_voxels)
 
@@ -279,6 +288,9 @@ def total_loss(outputs: Mapping[str, Array], batch: Mapping[str, Any],
     if w['volume']:
       metrics['volume'] = label_volume_error(sums)
       metrics['headline_volume'] = headline_volume_error(sums)
+      per_region = headline_volume_errors(sums)
+      for i, region in enumerate(HEADLINE_REGIONS):
+        metrics[f'headline_volume_{region}'] = per_region[:, i]
   if w['folding']:
     metrics['folding'] = folding(outputs['jacobian'])
   term_of = {'image': 'mse', 'ncc': 'ncc', 'smoothness': 'smoothness', 'dice': 'dice',

@@ -238,6 +238,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path
           prior_only = prior_only or evaluate(p_eval_step, zero_residual(rstate), val_set,
                                               local_batch)
           metadata = {**metadata, 'residual': residual_gate(step, val_metrics, prior_only)}
+          writer.write(step, 'val_prior_only', prior_only)
           logging.info('step %d residual %s on validation (volume error %.3g vs prior %.3g)',
                        step, 'kept' if metadata['residual']['enabled'] else 'switched off',
                        metadata['residual']['with_residual'],
@@ -262,19 +263,25 @@ def zero_residual(state):
   return state.replace(params=params) if hasattr(state, 'params') else params
 
 
+RESIDUAL_MIN_GAIN = 0.05  # Relative drop of the validation volume error the residual must give.
+
+
 def residual_gate(step: int, with_residual: dict, prior_only: dict) -> dict:
-  """Keeps the learned residual only if it lowers the validation volume error.
+  """Keeps the learned residual only if it clearly improves the headline regions' volumes.
 
   The anchored generator must never be worse than its prior (DESIGN.md): the checkpoint
-  records this decision and `Forecaster` drops a residual that did not help. The criterion is
-  the validation `headline_volume` metric (squared log ratio of predicted to real volumes of
-  the evaluation's regions, `losses.headline_volume_error`), or the loss when the volume term
-  is off.
+  records this decision and `Forecaster` drops a residual that did not help. Kept when the
+  validation `headline_volume` error (squared log volume ratio, `losses.headline_volume_error`)
+  falls by at least `RESIDUAL_MIN_GAIN` and no headline region's own error rises; with the
+  volume term off, when the loss falls by that much.
   """
   key = 'headline_volume' if 'headline_volume' in with_residual else 'loss'
   ours, prior = float(with_residual[key]), float(prior_only[key])
-  return {'enabled': ours < prior, 'metric': key, 'with_residual': ours, 'prior_only': prior,
-          'step': int(step)}
+  regions = [k for k in with_residual if k.startswith('headline_volume_')]
+  worse = [k[len('headline_volume_'):] for k in regions
+           if float(with_residual[k]) > float(prior_only[k])]
+  return {'enabled': ours < (1.0 - RESIDUAL_MIN_GAIN) * prior and not worse, 'metric': key,
+          'with_residual': ours, 'prior_only': prior, 'regions_worse': worse, 'step': int(step)}
 
 
 def _with_loss(config: ml_collections.ConfigDict, **changes) -> ml_collections.ConfigDict:

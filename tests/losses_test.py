@@ -115,7 +115,8 @@ def test_total_loss_is_weighted_sum_of_terms():
           + 3.0 * losses.folding(out['jacobian']))
   np.testing.assert_allclose(loss, want, rtol=1e-5)
   assert set(metrics) == {'mse', 'ncc', 'smoothness', 'dice', 'volume', 'headline_volume',
-                          'folding', 'loss'}
+                          'folding', 'loss'} | {f'headline_volume_{r}'
+                                                for r in losses.HEADLINE_REGIONS}
   np.testing.assert_allclose(metrics['volume'], 0.0, atol=1e-7)
   assert all(v.shape == (2,) for v in metrics.values())
 
@@ -218,3 +219,7 @@ def test_headline_volume_error_sums_classes_into_regions():
   sums = losses.LabelSums(warped, jnp.asarray(warped), jnp.asarray(target))
   expected = np.log(222.0 / 202.0) ** 2                                 # One region present.
   assert float(losses.headline_volume_error(sums)[0]) == pytest.approx(expected, rel=1e-5)
+  per_region = np.asarray(losses.headline_volume_errors(sums)[0])
+  assert per_region[losses.HEADLINE_REGIONS.index('hippocampus')] == pytest.approx(expected,
+                                                                                  rel=1e-5)
+  assert per_region[losses.HEADLINE_REGIONS.index('amygdala')] == 0.0   # Absent: 0.

@@ -162,11 +162,17 @@ def test_two_processes_train_and_agree(synthetic_cohort, tmp_path):
 
 
 def test_residual_gate_keeps_the_residual_only_when_it_helps():
-  kept = train.residual_gate(7, {'headline_volume': 0.1, 'loss': 9.0},
-                             {'headline_volume': 0.2, 'loss': 1.0})
+  better = {'headline_volume': 0.1, 'headline_volume_hippocampus': 0.1, 'loss': 9.0}
+  prior = {'headline_volume': 0.2, 'headline_volume_hippocampus': 0.2, 'loss': 1.0}
+  kept = train.residual_gate(7, better, prior)
   assert kept == {'enabled': True, 'metric': 'headline_volume', 'with_residual': 0.1,
-                  'prior_only': 0.2, 'step': 7}
+                  'prior_only': 0.2, 'regions_worse': [], 'step': 7}
   assert not train.residual_gate(7, {'loss': 2.0}, {'loss': 1.0})['enabled']
+  barely = {**better, 'headline_volume': 0.199}                     # Under the 5 % margin.
+  assert not train.residual_gate(7, barely, prior)['enabled']
+  one_worse = {**better, 'headline_volume_hippocampus': 0.3}         # Better overall, not here.
+  gate = train.residual_gate(7, one_worse, prior)
+  assert not gate['enabled'] and gate['regions_worse'] == ['hippocampus']
   config = tiny_config('unused')
   params = train.create_train_state(config, jax.random.PRNGKey(0)).params
   params = {**params, train.RESIDUAL_HEAD: jax.tree_util.tree_map(
