@@ -52,6 +52,7 @@ from progression.models import prior as prior_lib
 # with the evaluation's baselines so forecasts and measurements name the same regions).
 TISSUE_CLASSES = baselines.TISSUE_REGIONS
 MAX_YEARS = 30.0  # Longest horizon accepted (years); the model is trained on a few years.
+RATE_CORRECTION_STEPS = 2  # Newton steps matching the prior's regional change on the input.
 # Labels and image must share their grid up to this (mm, in the affine).
 _GRID_TOLERANCE_MM = 1e-3
 
@@ -105,6 +106,7 @@ class Forecaster:
     self._params = params
     self.downsize = int(config.model.velocity_downsize)
     self.anchored = bool(config.model.prior)
+    self._prior_params = train.zero_residual(params) if self.anchored else None
     model = train.create_model(config)
     self._velocity_fn = jax.jit(lambda p, image, cov, years, classes, rates: model.apply(
         {'params': p}, image, cov, years, *((classes, rates) if self.anchored else ()),
@@ -176,13 +178,44 @@ class Forecaster:
 
     With an anchored generator the prior part is solved for the horizon `years` (years).
     """
-    cov = as_covariates(cov)
+    return self._velocity(subject, as_covariates(cov), years, self._params)
+
+  def _velocity(self, subject: Subject, cov: covariates.Covariates, years: float, params: Any,
+                rate_correction: np.ndarray | None = None) -> np.ndarray:
+    """`velocity` with given parameters; `rate_correction` (1/year) is added to the rates."""
     encoded = covariates.encode(cov, self.normalizer)
     classes, rates = self._prior_inputs(subject, cov)
-    velocity = self._velocity_fn(self._params, jnp.asarray(subject.gridded.image)[None, ..., None],
+    if rate_correction is not None:
+      rates = (rates + rate_correction).astype(np.float32)
+    velocity = self._velocity_fn(params, jnp.asarray(subject.gridded.image)[None, ..., None],
                                  jnp.asarray(encoded)[None], jnp.float32([years]),
                                  jnp.asarray(classes)[None], jnp.asarray(rates)[None])
     return np.asarray(velocity[0])
+
+  def _rate_correction(self, subject: Subject, cov: covariates.Covariates, years: float,
+                       baseline_ml: Mapping[str, float]) -> np.ndarray | None:
+    """What the prior misses on the input grid at `years`: target - realised log rates.
+
+    The prior is exact on the model grid; measured on the input's own labels (another
+    resolution, trilinearly sampled Jacobian) it realises a few % less of the change (1 % at
+    2 mm on a 2 mm input, 5-8 % at 4 mm on a 3 mm input). One Newton step with the prior
+    alone (the residual zeroed), `RATE_CORRECTION_STEPS` times, corrects the rates the prior is
+    given, so the anchored forecast's regional volumes are the regional model's on the input
+    grid too (within ~0.5 % of the change at 4 mm; a few % for a structure of one or two model
+    voxels on the 8 mm test grids).
+    """
+    if not self.anchored or subject.labels is None or self.regional is None or years < 0.1:
+      return None
+    _, rates = self._prior_inputs(subject, cov)
+    correction = np.zeros_like(rates)
+    for _ in range(RATE_CORRECTION_STEPS):
+      velocity = self._velocity(subject, cov, years, self._prior_params, correction)
+      prior_only = self._horizon(subject, velocity, years, baseline_ml)
+      realised = np.array([np.log(max(prior_only.volumes_ml[r], 1e-9) / baseline_ml[r]) / years
+                           if baseline_ml.get(r, 0) > 0 else rates[k]
+                           for k, r in enumerate(prior_lib.RATE_REGIONS)])
+      correction = (correction + rates - realised).astype(np.float32)
+    return correction
 
   def _prior_inputs(self, subject: Subject, cov: covariates.Covariates
                     ) -> tuple[np.ndarray, np.ndarray]:
@@ -222,8 +255,9 @@ class Forecaster:
     baseline_ml = self._baseline_ml(subject)
     out = []
     for t in check_years(years):
-      forecast = self._horizon(subject, self.velocity(subject, cov, max(t, 1e-3)), t,
-                               baseline_ml)
+      correction = self._rate_correction(subject, cov, t, baseline_ml)
+      velocity = self._velocity(subject, cov, max(t, 1e-3), self._params, correction)
+      forecast = self._horizon(subject, velocity, t, baseline_ml)
       out.append(dataclasses.replace(forecast, intervals_ml=self._intervals(
           subject, cov, t, baseline_ml, forecast.volumes_ml)))
     return out

@@ -266,3 +266,22 @@ def test_rejects_bad_inputs(forecaster, baseline_files, tmp_path):
     forecast.Forecaster.from_checkpoint(tmp_path / 'absent')
   with pytest.raises(ProgressionError, match='no finished checkpoint'):
     forecast.Forecaster.from_checkpoint(tmp_path)
+
+
+def test_anchored_forecast_reproduces_the_regional_model_on_the_input_grid(forecaster,
+                                                                          baseline_files):
+  """With the residual off, the forecast's regional volumes (Jacobian over the input's own
+  labels) are the regional model's predictions, at 1 and 3 years. (Not the amygdalae: on this
+  8 mm test grid they cover no model voxel, so the prior cannot act on them.)"""
+  from progression import train
+  image_path, labels_path = baseline_files
+  prior_only = forecast.Forecaster(forecaster.config, train.zero_residual(forecaster._params),
+                                   forecaster.normalizer, forecaster.regional)
+  cov = forecast.as_covariates(COVARIATES)
+  for result in prior_only.forecast(image_path, cov, [1.0, 3.0], labels=labels_path):
+    expected = forecaster.regional.predict_volumes_ml(cov, result.baseline_volumes_ml,
+                                                      result.years)
+    for region in ('hippocampus', 'lateral_ventricles', 'whole_brain'):
+      change = expected[region] - result.baseline_volumes_ml[region]
+      got = result.volumes_ml[region] - result.baseline_volumes_ml[region]
+      assert got == pytest.approx(change, rel=0.03, abs=1e-4), (region, result.years)
