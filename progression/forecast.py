@@ -232,7 +232,7 @@ class Forecaster:
     baseline_ml = volumes.regional_volumes_ml(subject.region_map, subject.image.voxel_volume_ml,
                                               regions=subject.regions)
     predicted = self.regional.log_rates(cov, baseline_ml)
-    rates = np.asarray([predicted[r] for r in prior_lib.RATE_REGIONS], np.float32)
+    rates = np.asarray([predicted.get(r, 0.0) for r in prior_lib.RATE_REGIONS], np.float32)
     return labels_lib.ids_to_classes(subject.gridded.labels), rates
 
   def trajectory(self, subject: Subject, velocity: np.ndarray,

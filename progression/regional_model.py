@@ -46,6 +46,7 @@ RIDGE = 1.0  # Penalty on standardised coefficients, relative to one subject's w
 DROPOUT = 0.15  # Probability a field is masked in each augmented copy of a training row.
 AUGMENT_COPIES = 3
 DEFAULT_COVERAGE = 0.9
+MIN_REGION_SHARE = 0.9  # Regions with a positive volume in fewer pairs than this are left out.
 _Z90 = 1.6448536269514722  # Gaussian 90 % quantile: q before calibration.
 
 
@@ -265,14 +266,21 @@ def _variance_components(residual: np.ndarray, years: np.ndarray) -> tuple[float
   return float(max(solution[0], floor)), float(max(solution[1], 1e-12))
 
 
-def _pairs_wide(table: pd.DataFrame) -> pd.DataFrame:
+def _pairs_wide(table: pd.DataFrame, regions: Sequence[str] | None = None) -> pd.DataFrame:
   """One row per pair with valid volumes: pair index, subject, years, baseline dict, y_<r>.
 
-  `table` holds each pair's regions in consecutive rows (`baselines.training_volume_table`).
+  `table` holds each pair's regions in consecutive rows (`baselines.training_volume_table`);
+  `regions`: those to keep (default: the regions with a positive volume in most pairs).
   """
-  regions = list(pd.unique(table['region']))
-  per_pair = len(regions)
+  all_regions = list(pd.unique(table['region']))
+  per_pair = len(all_regions)
   num_pairs = len(table) // per_pair
+  positive = (table['baseline_ml'].to_numpy() > 0) & (table['followup_ml'].to_numpy() > 0)
+  share = pd.Series(positive).groupby(table['region'].to_numpy()).mean()
+  # A region most label maps lack (e.g. no CSF label in some conventions) is not modelled,
+  # rather than losing every pair that lacks it.
+  if regions is None:
+    regions = [r for r in all_regions if share[r] >= MIN_REGION_SHARE]
   records = []
   for i in range(num_pairs):
     rows = table.iloc[i * per_pair:(i + 1) * per_pair]
@@ -298,7 +306,7 @@ def calibrate(model: RegionalModel, table: pd.DataFrame,
   smallest score (the largest when n is too small), which covers a new exchangeable pair
   with probability >= coverage. Without validation pairs the model is returned unchanged.
   """
-  pairs = _pairs_wide(table)
+  pairs = _pairs_wide(table, model.regions)
   if len(pairs) == 0:
     return model
   q = {}

@@ -91,3 +91,14 @@ def test_bad_inputs():
     regional_model.fit(table, covs[:-1], 'labels')
   with pytest.raises(ProgressionError, match='malformed'):
     regional_model.RegionalModel.from_dict({'regions': []})
+
+
+def test_a_region_most_label_maps_lack_is_left_out_not_the_pairs():
+  table, covs = _cohort(30, seed=5)
+  table.loc[table.region == 'csf', ['baseline_ml', 'followup_ml']] = 0.0
+  model = regional_model.calibrate(regional_model.fit(table, covs, 'labels'), table, covs)
+  assert 'csf' not in model.regions and 'hippocampus' in model.regions
+  assert model.num_subjects == 30
+  baseline = {'hippocampus': 6.0, 'whole_brain': 1100.0, 'csf': 0.0, 'lateral_ventricles': 30.0}
+  predicted = model.predict_volumes_ml(covs[0], baseline, 1.0)
+  assert set(predicted) == set(model.regions) and predicted['hippocampus'] < 6.0 * 1.1
