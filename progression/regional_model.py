@@ -208,12 +208,11 @@ def fit(table: pd.DataFrame, pair_covariates: Sequence[covariates.Covariates],
   fill = {f: float(np.mean([r[f] for r in raw if r[f] is not None] or [0.0]))
           for f in COVARIATE_FEATURES}
   rng = np.random.default_rng(seed)
-  rows, copies = [], []
+  rows = []
   for copy in range(1 + AUGMENT_COPIES):
     for cov, baseline in zip(covs, pairs['baseline'].tolist()):
       rows.append(_feature_vector(cov if copy == 0 else _masked(cov, rng), baseline, regions,
                                   volume_method, fill))
-    copies.append(len(pairs))
   x = np.stack(rows)
   mean = x.mean(axis=0)
   scale = np.where(x.std(axis=0) > 1e-9, x.std(axis=0), 1.0)
