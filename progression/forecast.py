@@ -229,9 +229,7 @@ class Forecaster:
                       'model): the regional prior is off and the forecast is the network\'s '
                       'residual alone; give --labels for anchored forecasts')
       return classes, rates
-    baseline_ml = volumes.regional_volumes_ml(subject.region_map, subject.image.voxel_volume_ml,
-                                              regions=subject.regions)
-    predicted = self.regional.log_rates(cov, baseline_ml)
+    predicted = self.regional.log_rates(cov, self._baseline_ml(subject))
     rates = np.asarray([predicted.get(r, 0.0) for r in prior_lib.RATE_REGIONS], np.float32)
     return labels_lib.ids_to_classes(subject.gridded.labels), rates
 
