@@ -102,3 +102,16 @@ def test_a_region_most_label_maps_lack_is_left_out_not_the_pairs():
   baseline = {'hippocampus': 6.0, 'whole_brain': 1100.0, 'csf': 0.0, 'lateral_ventricles': 30.0}
   predicted = model.predict_volumes_ml(covs[0], baseline, 1.0)
   assert set(predicted) == set(model.regions) and predicted['hippocampus'] < 6.0 * 1.1
+
+
+def test_penalty_is_chosen_by_cross_validation():
+  """Noise-free rates keep the smallest penalty; pure noise on few subjects a large one."""
+  table, covs = _cohort(60, seed=3)
+  exact = regional_model.fit(table, covs, 'labels')
+  assert exact.penalty['hippocampus'] == min(regional_model.PENALTIES)
+  noisy_table, noisy_covs = _cohort(15, seed=4, noise=0.05)
+  noisy = regional_model.fit(noisy_table, noisy_covs, 'labels')
+  # Whole brain's true rate is one constant: every feature fits only noise.
+  assert noisy.penalty['whole_brain'] >= 100.0
+  restored = regional_model.RegionalModel.from_dict(noisy.to_dict())
+  assert restored.penalty == noisy.penalty
