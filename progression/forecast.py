@@ -52,7 +52,7 @@ from progression.models import prior as prior_lib
 # with the evaluation's baselines so forecasts and measurements name the same regions).
 TISSUE_CLASSES = baselines.TISSUE_REGIONS
 MAX_YEARS = 30.0  # Longest horizon accepted (years); the model is trained on a few years.
-RATE_CORRECTION_STEPS = 2  # Newton steps matching the prior's regional change on the input.
+RATE_CORRECTION_STEPS = 3  # Newton steps matching the prior's regional change on the input.
 # Labels and image must share their grid up to this (mm, in the affine).
 _GRID_TOLERANCE_MM = 1e-3
 
@@ -214,7 +214,8 @@ class Forecaster:
       realised = np.array([np.log(max(prior_only.volumes_ml[r], 1e-9) / baseline_ml[r]) / years
                            if baseline_ml.get(r, 0) > 0 else rates[k]
                            for k, r in enumerate(prior_lib.RATE_REGIONS)])
-      correction = (correction + rates - realised).astype(np.float32)
+      correction = np.where(np.isfinite(rates), correction + rates - realised, 0.0).astype(
+          np.float32)  # A region without a predicted rate (NaN) stays unconstrained.
     return correction
 
   def _prior_inputs(self, subject: Subject, cov: covariates.Covariates
@@ -230,7 +231,7 @@ class Forecaster:
                       'residual alone; give --labels for anchored forecasts')
       return classes, rates
     predicted = self.regional.log_rates(cov, self._baseline_ml(subject))
-    rates = np.asarray([predicted.get(r, 0.0) for r in prior_lib.RATE_REGIONS], np.float32)
+    rates = np.asarray([predicted.get(r, np.nan) for r in prior_lib.RATE_REGIONS], np.float32)
     return labels_lib.ids_to_classes(subject.gridded.labels), rates
 
   def trajectory(self, subject: Subject, velocity: np.ndarray,

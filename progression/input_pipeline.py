@@ -87,7 +87,7 @@ class PairDataset:
       self._baseline_ml[index] = baselines.measure_volumes_ml(None, _load_labels(labels_path),
                                                               'labels')
     rates = self.regional.log_rates(cov, self._baseline_ml[index])
-    return np.asarray([rates.get(r, 0.0) for r in prior_lib.RATE_REGIONS], np.float32)
+    return np.asarray([rates.get(r, np.nan) for r in prior_lib.RATE_REGIONS], np.float32)
 
   def example(self, index: int, rng: np.random.Generator | None = None,
               covariate_dropout: float = 0.0) -> Batch:

@@ -156,7 +156,8 @@ class ProgressionGenerator(nn.Module):
       raise ProgressionError('this generator is anchored on a regional prior: give '
                              'prior_classes [B,X,Y,Z] and prior_log_rates [B,K]')
     if self.prior_regions is not None:  # Rates as ~unit inputs (log change 0.01-0.1 / year).
-      cond = jnp.concatenate([cond, 10.0 * prior_log_rates.astype(jnp.float32)], axis=-1)
+      rates = jnp.nan_to_num(prior_log_rates.astype(jnp.float32))  # NaN: rate not predicted.
+      cond = jnp.concatenate([cond, 10.0 * rates], axis=-1)
     cond = nn.silu(self.cond_out(nn.silu(self.cond_in(cond))))
     x = layers.space_to_depth(baseline.astype(jnp.float32), self.downsize)
     return self.unet(x, cond).astype(jnp.float32)

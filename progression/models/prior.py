@@ -2,7 +2,8 @@
 
 The generator's velocity is this field plus a learned residual (DESIGN.md, "Prior knowledge"),
 so an untrained generator forecasts the regional model's volumes. For each sub-region j
-(left/right hippocampus, amygdala, lateral ventricle; the whole brain) a radial field
+(left/right hippocampus, amygdala, lateral ventricle, thalamus; the whole brain, cortex,
+cerebral WM and CSF) a radial field
 
     b_j(x) = w_j(x) (x - c_j)     (model-grid voxels; c_j: the sub-region's centroid)
 
@@ -12,7 +13,7 @@ same factor at every interval (log change linear in t, no second-order drift), f
 about two velocity voxels outside. The model's displacement is a pull-back, so a region R
 changes by  log(V_t / V_0) ~= -t mean_R div(v)  (first order of the push-forward's Jacobian,
 computed with the generator's own upsampling and central differences), and the
-coefficients solve  G c = y  with G[k, j] = -mean_{R_k} div(upsample(b_j)) and y_k the
+coefficients solve  G c = y  (weighted least squares) with G[k, j] = -mean_{R_k} div(upsample(b_j)) and y_k the
 predicted annual log change of sub-region k's region (a small ridge keeps absent regions at 0).
 
 Arrays: classes `[B, X, Y, Z]` (indices into `labels.CLASS_IDS`), log rates `[B, K]`
@@ -29,34 +30,48 @@ from progression import labels
 from progression.models import warp
 
 Array = jax.Array
-# Regions the prior controls, as (rate region, sub-regions of label ids).
+# Regions the prior controls, as (rate region, sub-regions of label ids, weight). The
+# regional model predicts each region on its own, so its rates need not add up (whole brain
+# contains cortex, WM and the deep structures); where they disagree the least-squares solve
+# favours the weight-1 regions (the headline measures) over the 0.5 ones. (On the synthetic
+# cohort the predicted whole-brain rate and its parts' volume-weighted rates differ by an sd
+# of 0.0002/year, against a spread of 0.007/year between subjects.)
 _SUBREGIONS = (
-    ('hippocampus', ((labels.LEFT_HIPPOCAMPUS,), (labels.RIGHT_HIPPOCAMPUS,))),
-    ('amygdala', ((labels.LEFT_AMYGDALA,), (labels.RIGHT_AMYGDALA,))),
+    ('hippocampus', ((labels.LEFT_HIPPOCAMPUS,), (labels.RIGHT_HIPPOCAMPUS,)), 1.0),
+    ('amygdala', ((labels.LEFT_AMYGDALA,), (labels.RIGHT_AMYGDALA,)), 1.0),
     ('lateral_ventricles', ((labels.LEFT_LATERAL_VENTRICLE,),
-                            (labels.RIGHT_LATERAL_VENTRICLE,))),
-    ('whole_brain', (tuple(labels.REGIONS['whole_brain']),)),
+                            (labels.RIGHT_LATERAL_VENTRICLE,)), 1.0),
+    ('whole_brain', (tuple(labels.REGIONS['whole_brain']),), 1.0),
+    ('thalamus', ((labels.LEFT_THALAMUS,), (labels.RIGHT_THALAMUS,)), 0.5),
+    ('cortex', (tuple(labels.REGIONS['cortex']),), 0.5),
+    ('cerebral_wm', (tuple(labels.REGIONS['cerebral_wm']),), 0.5),
+    ('csf', (tuple(labels.REGIONS['csf']),), 0.5),
 )
-RATE_REGIONS = tuple(name for name, _ in _SUBREGIONS)
+RATE_REGIONS = tuple(name for name, _, _ in _SUBREGIONS)
 _RIDGE = 1e-4  # Relative to the mean squared gain.
 WINDOW_GAIN = 4.0  # Window = clip(gain * blur(mask)): flat up to ~1 velocity voxel outside.
 
 
 @dataclasses.dataclass(frozen=True)
 class PriorRegions:
-  """Sub-regions as class-index sets, each with the index of its rate in `rate_regions`."""
+  """Sub-regions as class-index sets, each with the index of its rate in `rate_regions`.
+
+  `weights`: one per sub-region, its equation's weight in the least-squares solve.
+  """
   rate_regions: tuple[str, ...]
   subregions: tuple[tuple[int, tuple[int, ...]], ...]
+  weights: tuple[float, ...]
 
 
 def label_prior_regions() -> PriorRegions:
   """The prior's sub-regions on `labels.CLASS_IDS` class maps."""
-  subregions = []
-  for k, (_, parts) in enumerate(_SUBREGIONS):
+  subregions, weights = [], []
+  for k, (_, parts, weight) in enumerate(_SUBREGIONS):
     for ids in parts:
       classes = tuple(sorted({labels.CLASS_IDS.index(i) for i in ids if i in labels.CLASS_IDS}))
       subregions.append((k, classes))
-  return PriorRegions(RATE_REGIONS, tuple(subregions))
+      weights.append(weight)
+  return PriorRegions(RATE_REGIONS, tuple(subregions), tuple(weights))
 
 
 def _blur(x: Array, sigma: float) -> Array:
@@ -105,11 +120,15 @@ def _one(classes: Array, log_rates: Array, years: Array, regions: PriorRegions, 
       counts, 1.0)
   gain = -mean_over(divergence).T                                              # [K=J, J]
   target = log_rates[jnp.asarray([k for k, _ in regions.subregions])]
-  present = (counts > 0).astype(jnp.float32)
+  # A region absent from the map, or without a predicted rate (NaN), is left free.
+  present = ((counts > 0) & jnp.isfinite(target)).astype(jnp.float32)
+  target = jnp.where(jnp.isfinite(target), target, 0.0)
   gain = gain * present[:, None] * present[None, :]
+  weight = jnp.asarray(regions.weights, jnp.float32) ** 2
   ridge = _RIDGE * jnp.maximum(jnp.mean(jnp.square(gain)), 1e-12) * len(present)
-  solve = lambda y: jnp.linalg.solve(gain.T @ gain + ridge * jnp.eye(len(present)),
-                                     gain.T @ (y * present))
+  solve = lambda y: jnp.linalg.solve(gain.T @ (weight[:, None] * gain)
+                                     + ridge * jnp.eye(len(present)),
+                                     gain.T @ (weight * y * present))
   coefficients = solve(target)
   t = jnp.maximum(years, 0.1)[None]
   for _ in range(newton_steps):  # Correct for what the first-order gain misses at `years`.
@@ -131,11 +150,15 @@ def prior_velocity(classes: Array, log_rates: Array, years: Array, regions: Prio
 
   Args:
     classes: `[B, X, Y, Z]` baseline class indices on the model grid (X divisible by f).
-    log_rates: `[B, K]` predicted annual log change per `regions.rate_regions` (1/year).
+    log_rates: `[B, K]` predicted annual log change per `regions.rate_regions` (1/year);
+      NaN for a region the regional model does not predict (left unconstrained).
     years: `[B]` interval (years) at which the regional change must be exact.
     regions: `label_prior_regions()`.
     factor: velocity grid downsize f.
   """
+  if log_rates.shape[-1] != len(regions.rate_regions):
+    raise ValueError(f'prior_velocity: log_rates has {log_rates.shape[-1]} rates, the prior '
+                     f'needs {len(regions.rate_regions)} ({", ".join(regions.rate_regions)})')
   fn = lambda c, y, t: _one(c, y.astype(jnp.float32), t.astype(jnp.float32), regions, factor,
                             newton_steps, num_squarings)
   return jax.lax.stop_gradient(jax.vmap(fn)(classes, log_rates, jnp.asarray(years)))
