@@ -98,8 +98,16 @@ class Forecaster:
 
   def __init__(self, config: ml_collections.ConfigDict, params: Any,
                normalizer: covariates.CovariateNormalizer,
-               regional: regional_model.RegionalModel | None = None):
+               regional: regional_model.RegionalModel | None = None,
+               training_missing: Mapping[str, float] | None = None):
+    """Args: `training_missing`: field -> share of training pairs missing it (checkpoint
+    metadata); with no covariate dropout, a field never missing in training is warned about
+    when a forecast leaves it out (None: not known, no warning)."""
     self.config = config
+    dropout = float(config.get('augment', {}).get('covariate_dropout', 0.0))
+    self._never_missing = frozenset(f for f, share in (training_missing or {}).items()
+                                    if share == 0 and dropout == 0)
+    self._warned_missing: set[str] = set()
     self.grid = train.grid_from_config(config)
     self.normalizer = normalizer
     self.regional = regional
@@ -143,7 +151,8 @@ class Forecaster:
     if not metadata.get('residual', {}).get('enabled', True):  # It did not beat the prior.
       params = train.zero_residual(params)
     return cls(config, params, normalizer,
-               None if regional is None else regional_model.RegionalModel.from_dict(regional))
+               None if regional is None else regional_model.RegionalModel.from_dict(regional),
+               metadata.get('training_missing'))
 
   def prepare(self, baseline: ImageLike, labels: ImageLike | None = None) -> Subject:
     """Loads and checks a baseline (and its labels on the same grid); puts it on the model grid.
@@ -251,6 +260,7 @@ class Forecaster:
   def _forecasts(self, subject: Subject, cov: covariates.Covariates,
                  years: Sequence[float]) -> list[Forecast]:
     """One forecast per horizon; an anchored generator's prior is solved per horizon."""
+    self._warn_untrained_missing(cov)
     baseline_ml = self._baseline_ml(subject)
     out = []
     for t in check_years(years):
@@ -260,6 +270,17 @@ class Forecaster:
       out.append(dataclasses.replace(forecast, intervals_ml=self._intervals(
           subject, cov, t, baseline_ml, forecast.volumes_ml)))
     return out
+
+  def _warn_untrained_missing(self, cov: covariates.Covariates) -> None:
+    """Warns once per field left out here that no training pair ever lacked."""
+    fields = sorted(f for f in self._never_missing - self._warned_missing
+                    if getattr(cov, f) is None)
+    if fields:
+      logging.warning('forecast covariates lack %s, which every training pair had (and training '
+                      'used no covariate dropout): the network never learned this field '
+                      'missing; its forecast may be off. Give the field, or train with '
+                      'augment.covariate_dropout > 0', ', '.join(fields))
+      self._warned_missing.update(fields)
 
   def _intervals(self, subject: Subject, cov: covariates.Covariates, years: float,
                  baseline_ml: Mapping[str, float], predicted_ml: Mapping[str, float]

@@ -131,7 +131,15 @@ def experiment_metadata(config: ml_collections.ConfigDict, data: ExperimentData,
       'grid': {'shape': list(data.grid.shape), 'voxel_size_mm': list(data.grid.voxel_size_mm)},
       'normalizer': data.normalizer.to_dict(),
       'num_pairs': {'train': len(data.train), 'val': len(data.val), 'test': len(data.test)},
+      'training_missing': missing_shares(data.train),
   }
+
+
+def missing_shares(pairs: pd.DataFrame) -> dict[str, float]:
+  """Share of the pairs (0-1) whose baseline lacks each covariate field (`covariates.FIELDS`)."""
+  covs = [cohort.covariates_of(row) for row in pairs.to_dict('records')]
+  return {f: float(np.mean([getattr(c, f) is None for c in covs])) if covs else 0.0
+          for f in covariates.FIELDS}
 
 
 def check_resumable(saved: dict, config: ml_collections.ConfigDict, where: Path) -> None:

@@ -4,7 +4,8 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from progression import cohort, forecast, io, labels
+from progression import cohort, covariates, forecast, io, labels
+from progression.evaluation import volumes
 from progression.errors import ProgressionError
 
 COVARIATES = {'age_years': 74.0, 'sex': 'F', 'diagnosis': 'MCI', 'mmse': 27, 'apoe4': 1}
@@ -285,3 +286,39 @@ def test_anchored_forecast_reproduces_the_regional_model_on_the_input_grid(forec
       change = expected[region] - result.baseline_volumes_ml[region]
       got = result.volumes_ml[region] - result.baseline_volumes_ml[region]
       assert got == pytest.approx(change, rel=0.03, abs=1e-4), (region, result.years)
+
+
+def test_readme_quick_start_with_three_fields_forecasts_atrophy(forecaster, synthetic_cohort):
+  """README's Python quick start gives 3 of 7 fields: hippocampal atrophy, and the subject's
+  true follow-up volumes (labels, synthetic) inside the 90 % intervals."""
+  visits = cohort.read_visits(cohort.load_spec('synthetic'), synthetic_cohort)
+  subject = visits[visits.subject == visits.subject.iloc[0]].sort_values('years_from_first')
+  first = subject.iloc[0]
+  given = {'age_years': first['age_years'], 'sex': first['sex'], 'diagnosis': first['diagnosis']}
+  assert sum(v is not None for v in covariates.covariates_to_dict(
+      forecast.as_covariates(given)).values()) == 3
+  years = [float(t) for t in subject['years_from_first'].iloc[1:]]
+  results = forecaster.forecast(first['image_path'], given, years, labels=first['labels_path'])
+  for result, (_, later) in zip(results, subject.iloc[1:].iterrows()):
+    followup_labels = io.load_labels(later['labels_path'])
+    truth = volumes.regional_volumes_ml(followup_labels.data, followup_labels.voxel_volume_ml)
+    assert result.volumes_ml['hippocampus'] < result.baseline_volumes_ml['hippocampus']
+    for region in ('hippocampus', 'whole_brain'):
+      lower, upper = result.intervals_ml[region]
+      assert lower <= truth[region] <= upper, (region, result.years)
+
+
+def test_warns_for_a_field_never_missing_in_training(forecaster, baseline_files, caplog):
+  image_path, labels_path = baseline_files
+  config = forecaster.config.copy_and_resolve_references()
+  config.augment.covariate_dropout = 0.0
+  shares = {f: 0.0 for f in covariates.FIELDS} | {'apoe4': 0.3}
+  strict = forecast.Forecaster(config, forecaster._params, forecaster.normalizer,
+                               forecaster.regional, shares)
+  without = {k: v for k, v in COVARIATES.items() if k not in ('mmse', 'apoe4')}
+  with caplog.at_level('WARNING'):
+    strict.forecast(image_path, without, [1.0], labels=labels_path)
+    strict.forecast(image_path, without, [2.0], labels=labels_path)  # warned once only
+    forecaster.forecast(image_path, without, [1.0], labels=labels_path)  # trained with dropout
+  warned = [r.getMessage() for r in caplog.records if 'never learned' in r.getMessage()]
+  assert len(warned) == 1 and 'mmse' in warned[0] and 'apoe4' not in warned[0]

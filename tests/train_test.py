@@ -12,6 +12,7 @@ from pathlib import Path
 import jax
 import numpy as np
 import nibabel as nib
+import pandas as pd
 import pytest
 from scipy import ndimage
 
@@ -183,3 +184,12 @@ def test_residual_gate_keeps_the_residual_only_when_it_helps():
   for key in others:
     for a, b in zip(_leaves(params[key]), _leaves(zeroed[key])):
       np.testing.assert_array_equal(a, b)
+
+
+def test_missing_shares_count_each_field_per_pair():
+  pairs = pd.DataFrame({'age_years': [70.0, 71.0, None, 72.0], 'sex': ['F', 'M', 'F', None],
+                        'diagnosis': ['CN', 'MCI', 'AD', 'CN'], 'mmse': [None] * 4})
+  shares = train.missing_shares(pairs)
+  assert set(shares) == set(covariates.FIELDS)
+  assert shares['age_years'] == 0.25 and shares['sex'] == 0.25
+  assert shares['diagnosis'] == 0.0 and shares['mmse'] == 1.0 and shares['apoe4'] == 1.0
