@@ -1,0 +1,35 @@
+"""Copies a synthetic cohort stored the way real cohorts come (issue: real cohorts' DoD run).
+
+  python -m experiments.make_cohort --out /tmp/moved --subjects 60 --shape 64,64,64 \
+      --voxel_mm 3 --motion_mm 3 --seed 5
+  python -m experiments.restyle_cohort --source /tmp/moved --out /tmp/moved_real \
+      [--las_share 0.5] [--noparcellate]
+
+The copy stores `--las_share` of the subjects LAS and splits every label map's cortex into
+aparc+aseg-style parcels (`progression.synthetic_restyle`); the phantom's heads already have
+skull and scalp. Train on it with the `synthetic_moved` spec when it was made with
+`--motion_mm` (registration on), else with `synthetic`.
+"""
+
+from absl import app, flags
+
+from experiments import common
+from progression import synthetic_restyle
+
+_SOURCE = flags.DEFINE_string('source', None, 'Cohort folder written by make_cohort.')
+_OUT = flags.DEFINE_string('out', None, 'Folder to create (absent or empty).')
+_LAS_SHARE = flags.DEFINE_float('las_share', 0.5, 'Share of subjects stored LAS.')
+_PARCELLATE = flags.DEFINE_bool('parcellate', True, 'Split the cortex into parcels.')
+flags.mark_flags_as_required(['source', 'out'])
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+  out = synthetic_restyle.restyle_cohort(_SOURCE.value, _OUT.value, _LAS_SHARE.value,
+                                         _PARCELLATE.value)
+  print(f'wrote {out}')
+
+
+if __name__ == '__main__':
+  common.run(main)
