@@ -114,6 +114,9 @@ class Forecaster:
     self._params = params
     self.downsize = int(config.model.velocity_downsize)
     self.anchored = bool(config.model.prior)
+    self.prior_source = train.prior_source(config)
+    self._rate_regions = prior_lib.prior_regions(self.prior_source).rate_regions
+    self._last_prior_inputs = None
     self._prior_params = train.zero_residual(params) if self.anchored else None
     model = train.create_model(config)
     self._velocity_fn = jax.jit(lambda p, image, cov, years, classes, rates: model.apply(
@@ -213,7 +216,8 @@ class Forecaster:
     grid too (within ~0.5 % of the change at 4 mm; a few % for a structure of one or two model
     voxels on the 8 mm test grids).
     """
-    if not self.anchored or subject.labels is None or self.regional is None or years < 0.1:
+    if (not self.anchored or self.regional is None or years < 0.1
+        or subject.volume_method != self.prior_source):
       return None
     _, rates = self._prior_inputs(subject, cov)
     correction = np.zeros_like(rates)
@@ -222,26 +226,53 @@ class Forecaster:
       prior_only = self._horizon(subject, velocity, years, baseline_ml)
       realised = np.array([np.log(max(prior_only.volumes_ml[r], 1e-9) / baseline_ml[r]) / years
                            if baseline_ml.get(r, 0) > 0 else rates[k]
-                           for k, r in enumerate(prior_lib.RATE_REGIONS)])
+                           for k, r in enumerate(self._rate_regions)])
       correction = np.where(np.isfinite(rates), correction + rates - realised, 0.0).astype(
           np.float32)  # A region without a predicted rate (NaN) stays unconstrained.
     return correction
 
   def _prior_inputs(self, subject: Subject, cov: covariates.Covariates
                     ) -> tuple[np.ndarray, np.ndarray]:
-    """Model-grid classes and the regional model's annual log rates for the prior field."""
+    """Model-grid classes and the regional model's annual log rates for the prior field.
+
+    A checkpoint anchored on label maps needs the baseline's label map; one trained on a
+    cohort without labels anchors on the tissue model (any baseline).
+    """
+    last = self._last_prior_inputs  # Each horizon asks 3-4 times for the same subject.
+    if last is not None and last[0] is subject and last[1] == cov:
+      return last[2]
+    inputs = self._solve_prior_inputs(subject, cov)
+    self._last_prior_inputs = (subject, cov, inputs)
+    return inputs
+
+  def _solve_prior_inputs(self, subject: Subject, cov: covariates.Covariates
+                          ) -> tuple[np.ndarray, np.ndarray]:
     classes = np.zeros(self.grid.shape, np.uint8)
-    rates = np.zeros(len(prior_lib.RATE_REGIONS), np.float32)
+    rates = np.zeros(len(self._rate_regions), np.float32)
     if not self.anchored:
       return classes, rates
-    if subject.labels is None or self.regional is None:
+    if self.regional is None or (self.prior_source == 'labels' and subject.labels is None):
       logging.warning('forecast without a baseline label map (or a checkpoint without a regional '
                       'model): the regional prior is off and the forecast is the network\'s '
                       'residual alone; give --labels for anchored forecasts')
       return classes, rates
-    predicted = self.regional.log_rates(cov, self._baseline_ml(subject))
-    rates = np.asarray([predicted.get(r, np.nan) for r in prior_lib.RATE_REGIONS], np.float32)
-    return labels_lib.ids_to_classes(subject.gridded.labels), rates
+    if self.prior_source == 'labels':
+      classes, baseline_ml = (labels_lib.ids_to_classes(subject.gridded.labels),
+                              self._baseline_ml(subject))
+    else:
+      classes, baseline_ml = self._tissue_prior_inputs(subject)
+    predicted = self.regional.log_rates(cov, baseline_ml)
+    rates = np.asarray([predicted.get(r, np.nan) for r in self._rate_regions], np.float32)
+    return classes, rates
+
+  def _tissue_prior_inputs(self, subject: Subject) -> tuple[np.ndarray, dict[str, float]]:
+    """Tissue classes on the model grid and tissue volumes (mL) of the baseline."""
+    seg = (subject.region_map if subject.volume_method == 'tissue'
+           else tissue.segment_tissue(subject.image.data))
+    classes = preprocess.resample(seg, subject.image.affine, self.grid.shape,
+                                  subject.gridded.affine, order=preprocess.NEAREST)
+    return classes.astype(np.uint8), volumes.regional_volumes_ml(
+        seg, subject.image.voxel_volume_ml, regions=baselines.TISSUE_REGIONS)
 
   def trajectory(self, subject: Subject, velocity: np.ndarray,
                  years: Sequence[float]) -> list[Forecast]:

@@ -38,7 +38,7 @@ import pandas as pd
 from progression import (cohort, cohort_spec, covariates, io, labels, preprocess, regional_model,
                          registration, workers)
 from progression.errors import ProgressionError
-from progression.evaluation import baselines
+from progression.evaluation import baselines, tissue, volumes
 from progression.models import prior as prior_lib
 
 Batch = dict[str, np.ndarray]
@@ -72,7 +72,10 @@ class PairDataset:
     self.has_labels = bool(self.pairs['baseline_labels'].notna().all()
                            and self.pairs['followup_labels'].notna().all())
     self.normalizer = normalizer
-    self.regional = regional if self.has_labels else None
+    # The prior's classes and rates: label maps, or the tissue model of a cohort without them.
+    usable = regional is not None and (self.has_labels or regional.volume_method == 'tissue')
+    self.regional = regional if usable else None
+    self.prior_source = None if self.regional is None else self.regional.volume_method
     self._raw_covariates = [cohort.covariates_of(row) for _, row in self.pairs.iterrows()]
     self._covariates = covariates.encode_many(self._raw_covariates, normalizer)
     self._baseline_ml: dict[int, dict[str, float]] = {}
@@ -80,14 +83,22 @@ class PairDataset:
   def __len__(self) -> int:
     return len(self.pairs)
 
-  def prior_log_rates(self, index: int, cov: covariates.Covariates) -> np.ndarray:
-    """The regional model's annual log change `[K]` (`prior.RATE_REGIONS`) for pair `index`."""
-    if index not in self._baseline_ml:  # Measured once per pair, on the full-resolution labels.
-      labels_path = self.pairs.iloc[index]['baseline_labels']
-      self._baseline_ml[index] = baselines.measure_volumes_ml(None, _load_labels(labels_path),
-                                                              'labels')
-    rates = self.regional.log_rates(cov, self._baseline_ml[index])
-    return np.asarray([rates.get(r, np.nan) for r in prior_lib.RATE_REGIONS], np.float32)
+  def prior_log_rates(self, index: int, cov: covariates.Covariates,
+                      baseline: Batch) -> np.ndarray:
+    """The regional model's annual log change `[K]` (the prior's `rate_regions`) for pair
+    `index`; `baseline`: its baseline visit's arrays (`_visit`)."""
+    if self.prior_source == 'tissue':  # Measured at full resolution when preprocessed.
+      baseline_ml = dict(zip(baselines.TISSUE_REGIONS, baseline['tissue_ml'].tolist()))
+    else:
+      if index not in self._baseline_ml:  # Measured once per pair, on the full-res labels.
+        labels_path = self.pairs.iloc[index]['baseline_labels']
+        self._baseline_ml[index] = baselines.measure_volumes_ml(None, _load_labels(labels_path),
+                                                                'labels')
+      baseline_ml = self._baseline_ml[index]
+    rates = self.regional.log_rates(cov, baseline_ml)
+    return np.asarray([rates.get(r, np.nan)
+                       for r in prior_lib.prior_regions(self.prior_source).rate_regions],
+                      np.float32)
 
   def example(self, index: int, rng: np.random.Generator | None = None,
               covariate_dropout: float = 0.0) -> Batch:
@@ -97,7 +108,8 @@ class PairDataset:
     probability (drawn from `rng`), in the encoded covariates and the prior's rates alike.
     """
     row = self.pairs.iloc[index]
-    baseline = self._visit(row['baseline_image'], row['baseline_labels'], None)
+    baseline = self._visit(row['baseline_image'], row['baseline_labels'], None,
+                           with_tissue=self.prior_source == 'tissue')
     center = baseline['center_mm']
     transform = None if self._transforms is None else self._transforms[index]
     followup = self._visit(row['followup_image'], row['followup_labels'], center, transform)
@@ -119,7 +131,9 @@ class PairDataset:
       example['baseline_labels'] = baseline['classes']
       example['followup_labels'] = followup['classes']
     if self.regional is not None:
-      example['prior_log_rates'] = self.prior_log_rates(index, cov)
+      example['prior_log_rates'] = self.prior_log_rates(index, cov, baseline)
+    if self.prior_source == 'tissue':
+      example['prior_classes'] = baseline['tissue_classes']
     return example
 
   def warm_cache(self, num_workers: int | None = None,
@@ -148,19 +162,23 @@ class PairDataset:
       report(done, len(groups))
 
   def _visit(self, image_path: str, labels_path, center_mm,
-             transform: registration.RigidTransform | None = None) -> dict[str, np.ndarray]:
+             transform: registration.RigidTransform | None = None,
+             with_tissue: bool = False) -> dict[str, np.ndarray]:
     """A visit's arrays on the grid around `center_mm` (None: its own brain centre), first
-    moved into the baseline's world by `transform` (a registered follow-up) if given."""
+    moved into the baseline's world by `transform` (a registered follow-up) if given;
+    `with_tissue`: also its tissue classes on the grid and tissue volumes (mL)."""
     use_labels = self.has_labels and isinstance(labels_path, str)
     key = f'{image_path}|{labels_path if use_labels else ""}|{self.grid}|{center_mm}'
     if transform is not None:
       key += f'|{np.round(transform.fixed_to_moving, 6).tolist()}'
+    if with_tissue:
+      key += '|tissue'
     cache = self.cache_dir / (hashlib.sha1(key.encode()).hexdigest()[:20] + '.npz')
     if cache.is_file():
       with np.load(cache) as f:
         return dict(f)
     arrays = self._preprocess(image_path, labels_path if use_labels else None, center_mm,
-                              transform)
+                              transform, with_tissue)
     self.cache_dir.mkdir(parents=True, exist_ok=True)
     tmp = cache.with_suffix(f'.tmp{os.getpid()}-{threading.get_ident()}.npz')
     np.savez(tmp, **arrays)
@@ -168,7 +186,8 @@ class PairDataset:
     return arrays
 
   def _preprocess(self, image_path: str, labels_path: str | None, center_mm,
-                  transform: registration.RigidTransform | None = None):
+                  transform: registration.RigidTransform | None = None,
+                  with_tissue: bool = False):
     image = _load_image(image_path)
     label_map = _load_labels(labels_path) if labels_path else None
     if transform is not None:  # Registered follow-up: into the baseline's world.
@@ -182,6 +201,14 @@ class PairDataset:
               'center_mm': np.asarray(center_mm, np.float64)}
     if label_map is not None:
       arrays['classes'] = labels.ids_to_classes(gridded.labels)
+    if with_tissue:
+      seg = tissue.segment_tissue(image.data)
+      arrays['tissue_classes'] = preprocess.resample(
+          seg, image.affine, self.grid.shape, gridded.affine, order=preprocess.NEAREST
+      ).astype(np.uint8)
+      measured = volumes.regional_volumes_ml(seg, image.voxel_volume_ml,
+                                             regions=baselines.TISSUE_REGIONS)
+      arrays['tissue_ml'] = np.asarray([measured[r] for r in baselines.TISSUE_REGIONS])
     return arrays
 
 
@@ -219,6 +246,8 @@ def augment(example: Batch, rng: np.random.Generator, intensity_jitter: float,
     for key in ('baseline_labels', 'followup_labels'):
       if key in out:
         out[key] = np.ascontiguousarray(permutation[out[key][::-1]])
+    if 'prior_classes' in out:  # Tissue classes: no left or right.
+      out['prior_classes'] = np.ascontiguousarray(out['prior_classes'][::-1])
   return out
 
 

@@ -6,8 +6,10 @@ A batch is a dict of arrays with a leading per-device batch axis:
   covariates: `[B, covariates.ENCODED_DIM]` encoded baseline covariates;
   baseline_labels, followup_labels: `[B, x, y, z]` uint8 class indices into
     `labels.CLASS_IDS` (optional; for the Dice and volume losses and the prior);
-  prior_log_rates: `[B, K]` the regional model's predicted annual log change per
-    `prior.RATE_REGIONS` (optional; with a generator anchored on the prior);
+  prior_log_rates: `[B, K]` the regional model's predicted annual log change per rate
+    region of the prior (optional; with a generator anchored on the prior);
+  prior_classes: `[B, x, y, z]` uint8 tissue classes of the baseline, for a prior on the
+    tissue model (cohorts without label maps; else the prior uses baseline_labels);
   valid: `[B]` 1.0 for real examples, 0.0 for padding (evaluation only).
 """
 
@@ -33,7 +35,7 @@ def _identity(tree):
 def _forward(apply_fn, params, batch: Mapping[str, jax.Array], train: bool) -> dict:
   prior = {}
   if 'prior_log_rates' in batch:
-    prior = {'prior_classes': batch['baseline_labels'],
+    prior = {'prior_classes': batch.get('prior_classes', batch.get('baseline_labels')),
              'prior_log_rates': batch['prior_log_rates']}
   return apply_fn({'params': params}, batch['baseline'], batch['years'], batch['covariates'],
                   train=train, **prior)

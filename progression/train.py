@@ -73,8 +73,13 @@ def create_model(config: ml_collections.ConfigDict) -> generator.ProgressionGene
       max_velocity_voxels_per_year=m.max_velocity_voxels_per_year,
       intensity_residual=m.intensity_residual, conv_impl=m.conv_impl,
       dtype=jnp.dtype(m.dtype),
-      prior_regions=prior_lib.label_prior_regions() if m.prior else None,
+      prior_regions=prior_lib.prior_regions(prior_source(config)) if m.prior else None,
       residual_scale=m.residual_scale)
+
+
+def prior_source(config: ml_collections.ConfigDict) -> str:
+  """What the prior's class maps come from: 'labels' or 'tissue' (set by training)."""
+  return str(config.model.get('prior_source', 'labels'))  # Older checkpoints: labels.
 
 
 def learning_rate_schedule(config: ml_collections.ConfigDict) -> optax.Schedule:
@@ -100,8 +105,9 @@ def create_train_state(config: ml_collections.ConfigDict, rng: jax.Array) -> ste
   shape = (1, *config.grid.shape, 1)
   prior_inputs = {}
   if config.model.prior:
+    num_rates = len(prior_lib.prior_regions(prior_source(config)).rate_regions)
     prior_inputs = {'prior_classes': jnp.zeros(shape[:-1], jnp.uint8),
-                    'prior_log_rates': jnp.zeros((1, len(prior_lib.RATE_REGIONS)), jnp.float32)}
+                    'prior_log_rates': jnp.zeros((1, num_rates), jnp.float32)}
   init = lambda rng, *args: model.init(rng, *args, **prior_inputs)
   params = jax.jit(init)(rng, jnp.zeros(shape, jnp.float32), jnp.ones((1,), jnp.float32),
                          jnp.zeros((1, covariates.ENCODED_DIM), jnp.float32))['params']
@@ -179,10 +185,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path
   cache_dir = workdir / 'cache' / 'x'.join(map(str, data.grid.shape))
   has_labels = baselines.volume_method_of(pd.concat([data.train, data.val])) == 'labels'
   if not has_labels and (config.loss.dice > 0 or config.loss.volume > 0 or config.model.prior):
-    logging.warning('no label maps in the cohort: the Dice and volume loss terms and the '
-                    'regional prior are disabled')
-    config = _with_loss(config, dice=0.0, volume=0.0)
-    config.model.prior = False
+    logging.warning('no label maps in the cohort: the Dice and volume loss terms are off%s',
+                    '; the regional prior acts on the tissue model\'s brain, GM, WM and CSF'
+                    if config.model.prior else '')
+    config = _updated(config, 'loss', dice=0.0, volume=0.0)
+  if config.model.prior:
+    config = _updated(config, 'model', prior_source='labels' if has_labels else 'tissue')
   regional = fit_regional_model(config, data) if config.model.prior else None
   make_dataset = lambda pairs: input_pipeline.PairDataset(
       pairs, data.grid, cache_dir, data.normalizer, regional,
@@ -292,9 +300,11 @@ def residual_gate(step: int, with_residual: dict, prior_only: dict) -> dict:
           'with_residual': ours, 'prior_only': prior, 'regions_worse': worse, 'step': int(step)}
 
 
-def _with_loss(config: ml_collections.ConfigDict, **changes) -> ml_collections.ConfigDict:
+def _updated(config: ml_collections.ConfigDict, section: str, **changes
+             ) -> ml_collections.ConfigDict:
+  """A copy of `config` with `changes` in `config[section]` (the caller's stays as it was)."""
   config = ml_collections.ConfigDict(config.to_dict())
-  config.loss.update(changes)
+  config[section].update(changes)
   return config
 
 

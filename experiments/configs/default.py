@@ -35,9 +35,11 @@ def get_config() -> ml_collections.ConfigDict:
   config.model.intensity_residual = False  # Extra head for contrast change; off by default.
   config.model.conv_impl = 'auto'  # 'auto' | 'depth_taps' (fast on CPU) | 'native'.
   config.model.dtype = 'float32'  # Compute dtype; 'bfloat16' on GPU. Params stay float32.
-  # Anchor on the regional progression model (needs label maps): velocity = a prior field that
-  # realises its predicted regional rates + a zero-initialised residual (progression.models.prior).
+  # Anchor on the regional progression model (label maps, else the tissue model): velocity =
+  # a prior field realising its predicted regional rates + a zero-initialised residual
+  # (progression.models.prior).
   config.model.prior = True
+  config.model.prior_source = 'labels'  # Training sets it: 'tissue' for a cohort without labels.
   config.model.residual_scale = 0.05  # Voxels/year per unit of the residual head's output.
 
   # Loss weights (0 disables a term).

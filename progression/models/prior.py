@@ -16,8 +16,11 @@ computed with the generator's own upsampling and central differences), and the
 coefficients solve  G c = y  (weighted least squares) with G[k, j] = -mean_{R_k} div(upsample(b_j)) and y_k the
 predicted annual log change of sub-region k's region (a small ridge keeps absent regions at 0).
 
-Arrays: classes `[B, X, Y, Z]` (indices into `labels.CLASS_IDS`), log rates `[B, K]`
-(1/year, order of `PriorRegions.rate_regions`), velocity `[B, X/f, Y/f, Z/f, 3]`.
+Without label maps the same construction runs on the tissue model's classes (brain, CSF,
+GM, WM: `tissue_prior_regions`) with a regional model fitted on tissue volumes.
+
+Arrays: classes `[B, X, Y, Z]` (indices into `labels.CLASS_IDS`, or tissue classes), log
+rates `[B, K]` (1/year, order of `PriorRegions.rate_regions`), velocity `[B, X/f, Y/f, Z/f, 3]`.
 """
 
 import dataclasses
@@ -48,6 +51,16 @@ _SUBREGIONS = (
     ('csf', (tuple(labels.REGIONS['csf']),), 0.5),
 )
 RATE_REGIONS = tuple(name for name, _, _ in _SUBREGIONS)
+# Without label maps: the tissue model's classes (`tissue.segment_tissue`: 1 CSF, 2 GM, 3 WM)
+# and regions (`baselines.TISSUE_REGIONS`), brain and CSF first.
+_TISSUE_SUBREGIONS = (
+    ('brain', ((2, 3),), 1.0),
+    ('csf', ((1,),), 1.0),
+    ('gray_matter', ((2,),), 0.5),
+    ('white_matter', ((3,),), 0.5),
+)
+TISSUE_RATE_REGIONS = tuple(name for name, _, _ in _TISSUE_SUBREGIONS)
+SOURCES = ('labels', 'tissue')  # What the prior's class maps come from (a volume method).
 _RIDGE = 1e-4  # Relative to the mean squared gain.
 WINDOW_GAIN = 4.0  # Window = clip(gain * blur(mask)): flat up to ~1 velocity voxel outside.
 
@@ -65,13 +78,30 @@ class PriorRegions:
 
 def label_prior_regions() -> PriorRegions:
   """The prior's sub-regions on `labels.CLASS_IDS` class maps."""
+  to_classes = lambda ids: tuple(sorted({labels.CLASS_IDS.index(i) for i in ids
+                                         if i in labels.CLASS_IDS}))
+  return _prior_regions(_SUBREGIONS, to_classes)
+
+
+def tissue_prior_regions() -> PriorRegions:
+  """The prior's sub-regions on tissue-model maps (0 background, 1 CSF, 2 GM, 3 WM)."""
+  return _prior_regions(_TISSUE_SUBREGIONS, tuple)
+
+
+def prior_regions(source: str) -> PriorRegions:
+  """`label_prior_regions()` or `tissue_prior_regions()` for a source in `SOURCES`."""
+  if source not in SOURCES:
+    raise ValueError(f'prior source must be one of {SOURCES}, got {source!r}')
+  return label_prior_regions() if source == 'labels' else tissue_prior_regions()
+
+
+def _prior_regions(table, to_classes) -> PriorRegions:
   subregions, weights = [], []
-  for k, (_, parts, weight) in enumerate(_SUBREGIONS):
+  for k, (_, parts, weight) in enumerate(table):
     for ids in parts:
-      classes = tuple(sorted({labels.CLASS_IDS.index(i) for i in ids if i in labels.CLASS_IDS}))
-      subregions.append((k, classes))
+      subregions.append((k, to_classes(ids)))
       weights.append(weight)
-  return PriorRegions(RATE_REGIONS, tuple(subregions), tuple(weights))
+  return PriorRegions(tuple(name for name, _, _ in table), tuple(subregions), tuple(weights))
 
 
 def _blur(x: Array, sigma: float) -> Array:

@@ -1,0 +1,71 @@
+"""A cohort without label maps: the prior anchors on the tissue model (brain, CSF, GM, WM)."""
+
+import shutil
+from pathlib import Path
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from progression import forecast, labels, phantom, train
+from progression.models import prior, warp
+from tests.conftest import tiny_config
+
+_TISSUE_OF = {1: ('csf', 'lateral_ventricles'), 2: ('cortex', 'hippocampus', 'amygdala',
+                                                     'thalamus'), 3: ('cerebral_wm',)}
+
+
+def test_tissue_prior_realises_the_targets():
+  anat = phantom.sample_anatomy(np.random.default_rng(1), 192.0)
+  world = phantom.world_grid((48, 48, 48), 4.0)
+  ids, _ = phantom.render(anat, phantom.anatomical_coordinates(anat, world), 4.0, False)
+  seg = np.zeros(ids.shape, np.uint8)
+  for tissue_class, regions in _TISSUE_OF.items():
+    for region in regions:
+      seg[np.isin(ids, labels.REGIONS[region])] = tissue_class
+  count = {c: (seg == c).sum() for c in (1, 2, 3)}
+  gm, wm = -0.012, -0.006
+  target = {'gray_matter': gm, 'white_matter': wm, 'csf': 0.015,
+            'brain': (count[2] * gm + count[3] * wm) / (count[2] + count[3])}
+  rates = np.log1p([target[r] for r in prior.TISSUE_RATE_REGIONS]).astype(np.float32)
+  velocity = prior.prior_velocity(jnp.asarray(seg)[None], jnp.asarray(rates)[None],
+                                  jnp.float32([2.0]), prior.tissue_prior_regions(), 2)
+  push = warp.integrate_velocity(-velocity, jnp.float32([2.0]), 7, upsample_factor=2)
+  jacobian = np.asarray(warp.jacobian_determinant(push)[0])
+  masks = {'csf': seg == 1, 'gray_matter': seg == 2, 'white_matter': seg == 3, 'brain': seg >= 2}
+  for k, region in enumerate(prior.TISSUE_RATE_REGIONS):
+    realised = np.log(jacobian[masks[region]].mean()) / 2.0
+    assert realised == pytest.approx(rates[k], abs=0.08 * abs(rates[k]) + 5e-4), region
+
+
+@pytest.fixture(scope='module')
+def unlabelled_workdir(synthetic_cohort, tmp_path_factory):
+  """`synthetic_cohort` without its label maps, trained 6 steps (tiny config)."""
+  root = tmp_path_factory.mktemp('unlabelled') / 'cohort'
+  shutil.copytree(synthetic_cohort, root, ignore=shutil.ignore_patterns('*_dseg.nii.gz'))
+  spec = root.parent / 'spec.toml'
+  reference = Path(__file__).parents[1] / 'cohorts' / 'synthetic.toml'
+  spec.write_text(reference.read_text().replace('labels_required = true',
+                                                'labels_required = false'))
+  workdir = root.parent / 'train'
+  train.train_and_evaluate(tiny_config(root, **{'cohort.spec': str(spec)}), workdir)
+  return root, workdir
+
+
+def test_training_without_labels_anchors_on_the_tissue_model(unlabelled_workdir):
+  root, workdir = unlabelled_workdir
+  forecaster = forecast.Forecaster.from_checkpoint(workdir)
+  assert forecaster.anchored and forecaster.prior_source == 'tissue'
+  assert forecaster.regional.volume_method == 'tissue'
+  prior_only = forecast.Forecaster(forecaster.config, train.zero_residual(forecaster._params),
+                                   forecaster.normalizer, forecaster.regional)
+  image = sorted(root.glob('sub-001/ses-M000/anat/*_T1w.nii.gz'))[0]
+  cov = {'age_years': 74.0, 'sex': 'F', 'diagnosis': 'AD', 'mmse': 22}
+  (result,) = prior_only.forecast(str(image), cov, [2.0])
+  assert result.volume_method == 'tissue'
+  expected = forecaster.regional.predict_volumes_ml(forecast.as_covariates(cov),
+                                                    result.baseline_volumes_ml, 2.0)
+  change = expected['brain'] - result.baseline_volumes_ml['brain']
+  got = result.volumes_ml['brain'] - result.baseline_volumes_ml['brain']
+  assert change < 0
+  assert got == pytest.approx(change, rel=0.1)
