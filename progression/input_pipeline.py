@@ -194,9 +194,14 @@ class PairDataset:
       image = registration.in_fixed_space(image, transform)
       label_map = None if label_map is None else registration.in_fixed_space(label_map,
                                                                               transform)
-    if center_mm is None:
+    is_baseline = center_mm is None
+    if is_baseline:
       center_mm = preprocess.brain_center_mm(image)
     gridded = preprocess.to_grid(image, self.grid, labels=label_map, center_mm=center_mm)
+    if is_baseline and label_map is not None:  # Once per baseline file (then it is cached).
+      brain = (label_map.data != labels.BACKGROUND) & (label_map.data != labels.CSF)
+      preprocess.warn_if_brain_outside_grid(brain, image, self.grid, gridded.affine,
+                                            'brain (label map)')
     arrays = {'image': gridded.image.astype(np.float32),
               'center_mm': np.asarray(center_mm, np.float64)}
     if label_map is not None:

@@ -71,3 +71,20 @@ def test_map_unordered_runs_serially_for_one_worker():
   assert list(workers.map_unordered(abs, [-1, -2], 1)) == [1, 2]
   with pytest.raises(ValueError):
     list(workers.map_unordered(int, ['x'], 1))
+
+
+def test_training_warns_once_per_baseline_whose_brain_leaves_the_grid(synthetic_cohort,
+                                                                       tmp_path, caplog):
+  config = tiny_config(synthetic_cohort, **{'grid.shape': (8, 8, 8)})  # 64 mm: too small
+  data = train.load_experiment_data(config)
+  dataset = input_pipeline.PairDataset(data.train, data.grid, tmp_path, data.normalizer)
+  with caplog.at_level('WARNING'):
+    dataset.example(0)
+    dataset.example(0)  # cached: no second warning
+  warned = [r.getMessage() for r in caplog.records if 'outside the model grid' in r.getMessage()]
+  assert len(warned) == 1 and str(data.train.iloc[0]['baseline_image']) in warned[0]
+  caplog.clear()
+  fits = _dataset(synthetic_cohort, tmp_path / 'fits')  # 16^3 x 8 mm holds the brain
+  with caplog.at_level('WARNING'):
+    fits.example(0)
+  assert not [r for r in caplog.records if 'outside the model grid' in r.getMessage()]
