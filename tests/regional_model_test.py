@@ -60,11 +60,16 @@ def test_missing_fields_are_learned_and_predicted():
   assert low['hippocampus'] < missing['hippocampus'] < high['hippocampus']
 
 
-def test_conformal_intervals_cover_new_pairs():
+@pytest.mark.parametrize('pool_out_of_fold', [False, True])
+def test_conformal_intervals_cover_new_pairs(pool_out_of_fold):
   train, train_covs = _cohort(90, seed=2, noise=0.01)
-  val, val_covs = _cohort(90, seed=3, noise=0.01)
-  model = regional_model.calibrate(regional_model.fit(train, train_covs, 'labels'), val,
-                                   val_covs, coverage=0.9)
+  val, val_covs = _cohort(30, seed=3, noise=0.01)
+  model = regional_model.fit(train, train_covs, 'labels')
+  extra = None
+  if pool_out_of_fold:
+    extra = regional_model.out_of_fold_scores(model, train, train_covs)
+    assert all(len(v) == len(train_covs) for v in extra.values())  # one per training pair
+  model = regional_model.calibrate(model, val, val_covs, coverage=0.9, extra_scores=extra)
   test, test_covs = _cohort(150, seed=4, noise=0.01)
   hits = []
   for i, cov in enumerate(test_covs):
