@@ -25,8 +25,17 @@ _CURVE = flags.DEFINE_string('learning_curve', None,
                              'CSV of `experiments.learning_curve`, optional.')
 _CURVE_COMMAND = flags.DEFINE_string('learning_curve_command', '',
                                      'The command that produced the learning curve.')
+_ROBUSTNESS = flags.DEFINE_list(
+    'robustness', [], 'Two report folders, reference then changed (e.g. the same cohort without '
+    'and with head motion), compared region by region; optional.')
+_ROBUSTNESS_COMMAND = flags.DEFINE_string('robustness_command', '',
+                                          'The commands that produced the two reports.')
 _OUT = flags.DEFINE_string('out', 'RESULTS.md', 'Markdown file to (re)write.')
 flags.mark_flag_as_required('report')
+
+
+_METHOD_ORDER = ('model', 'regional_model', 'population_rate', 'no_change', 'expected',
+                 'oracle')
 
 
 def _fmt(row) -> str:
@@ -63,6 +72,33 @@ def comparison_table(comparisons: pd.DataFrame, regions) -> pd.DataFrame:
       'subjects': table.n_subjects})
 
 
+def all_regions_table(summary: pd.DataFrame, comparisons: pd.DataFrame) -> pd.DataFrame:
+  """Region x method MAE (mL, all pairs) for every region, and model vs population rate."""
+  overall = summary[(summary.grouping == 'all') & (summary.metric == 'abs_error_ml')]
+  mae = overall.pivot_table(index='region', columns='method', values='mean')
+  mae = mae[[m for m in _METHOD_ORDER if m in mae.columns]]
+  versus = comparisons[(comparisons.metric == 'abs_error_ml') & (comparisons.method == 'model')
+                       & (comparisons.versus == 'population_rate')].set_index('region')
+  mae['model - population mL [95% CI]'] = [
+      f'{versus.loc[r, "mean_diff"]:.4g} [{versus.loc[r, "ci95_low"]:.4g}, '
+      f'{versus.loc[r, "ci95_high"]:.4g}] {versus.loc[r, "verdict"]}' if r in versus.index
+      else '' for r in mae.index]
+  return mae.reset_index().round(4).fillna('')
+
+
+def robustness_table(reference_dir: Path, changed_dir: Path) -> pd.DataFrame:
+  """Model MAE (mL) per region in two reports, and changed / reference."""
+  mae = {}
+  for name, folder in (('reference', reference_dir), ('changed', changed_dir)):
+    summary = pd.read_csv(folder / 'summary.csv')
+    rows = summary[(summary.grouping == 'all') & (summary.metric == 'abs_error_ml')]
+    mae[name] = rows.pivot_table(index='region', columns='method', values='mean')
+  table = pd.DataFrame({f'{m} {name}': mae[name][m] for m in ('model', 'population_rate')
+                        for name in ('reference', 'changed')})
+  table['model changed / reference'] = table['model changed'] / table['model reference']
+  return table.reset_index().round(4)
+
+
 def curve_table(curve: pd.DataFrame) -> pd.DataFrame:
   """Region x training subjects: MAE (mL) per method, and regional - population [95 % CI]."""
   mae = curve.pivot_table(index=['region', 'train_subjects'], columns='method',
@@ -76,7 +112,8 @@ def curve_table(curve: pd.DataFrame) -> pd.DataFrame:
 
 
 def render(report_dir: Path, workdir: Path | None, command: str,
-           curve: Path | None = None, curve_command: str = '') -> str:
+           curve: Path | None = None, curve_command: str = '',
+           robustness: list[str] | None = None, robustness_command: str = '') -> str:
   summary = pd.read_csv(report_dir / 'summary.csv')
   comparisons = pd.read_csv(report_dir / 'comparisons.csv')
   regions = report.HEADLINE_REGIONS['labels'] + ('amygdala',)
@@ -97,7 +134,9 @@ def render(report_dir: Path, workdir: Path | None, command: str,
             'what is observable at baseline (the best any forecaster can do); they are '
             'references, not competitors.', '',
             '## Model vs each method: subject-level paired bootstrap of |error| (mL)', '',
-            figures.markdown_table(comparison_table(comparisons, regions)), '']
+            figures.markdown_table(comparison_table(comparisons, regions)), '',
+            '## Every region: MAE (mL) by method, and model vs population rate', '',
+            figures.markdown_table(all_regions_table(summary, comparisons)), '']
   if curve is not None:
     table = pd.read_csv(curve)
     lines += ['## Learning curve: regional model vs population rate by training subjects', '',
@@ -107,6 +146,12 @@ def render(report_dir: Path, workdir: Path | None, command: str,
     if curve_command:
       lines += ['```', curve_command, '```', '']
     lines += [figures.markdown_table(curve_table(table)), '']
+  if robustness:
+    lines += ['## Real-cohort conditions: the same run with and without them', '',
+              f'Reference `{robustness[0]}`, changed `{robustness[1]}` (test split MAE, mL).', '']
+    if robustness_command:
+      lines += ['```', robustness_command, '```', '']
+    lines += [figures.markdown_table(robustness_table(*map(Path, robustness))), '']
   return '\n'.join(lines) + '\n'
 
 
@@ -115,7 +160,7 @@ def main(argv):
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   text = render(Path(_REPORT.value), Path(_WORKDIR.value) if _WORKDIR.value else None,
                 _COMMAND.value, Path(_CURVE.value) if _CURVE.value else None,
-                _CURVE_COMMAND.value)
+                _CURVE_COMMAND.value, _ROBUSTNESS.value, _ROBUSTNESS_COMMAND.value)
   out = Path(_OUT.value)  # Written beside, then renamed: never half-written.
   tmp = out.with_name(f'.{out.name}.tmp')
   tmp.write_text(text)

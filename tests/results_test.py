@@ -1,0 +1,43 @@
+"""Tests for experiments/results.py: RESULTS.md tables from constructed report files."""
+
+import pandas as pd
+
+from experiments import results
+
+
+def _summary(mae: dict[tuple[str, str], float]) -> pd.DataFrame:
+  return pd.DataFrame([{'grouping': 'all', 'group': 'all', 'method': m, 'region': r,
+                        'metric': 'abs_error_ml', 'n': 10, 'mean': v, 'median': v,
+                        'ci95_low': v * 0.8, 'ci95_high': v * 1.2}
+                       for (m, r), v in mae.items()])
+
+
+def _write(folder, mae):
+  folder.mkdir()
+  _summary(mae).to_csv(folder / 'summary.csv', index=False)
+  return folder
+
+
+def test_all_regions_table_orders_methods_and_states_the_verdict():
+  summary = _summary({('population_rate', 'csf'): 4.0, ('model', 'csf'): 3.0,
+                      ('no_change', 'csf'): 20.0, ('model', 'cortex'): 1.0,
+                      ('population_rate', 'cortex'): 1.1, ('no_change', 'cortex'): 7.0})
+  comparisons = pd.DataFrame([
+      {'metric': 'abs_error_ml', 'method': 'model', 'versus': 'population_rate',
+       'region': 'csf', 'mean_diff': -1.0, 'ci95_low': -1.5, 'ci95_high': -0.4,
+       'verdict': 'better'}])
+  table = results.all_regions_table(summary, comparisons).set_index('region')
+  assert list(table.columns[:3]) == ['model', 'population_rate', 'no_change']
+  assert table.loc['csf', 'model'] == 3.0
+  assert table.loc['csf', 'model - population mL [95% CI]'] == '-1 [-1.5, -0.4] better'
+  assert table.loc['cortex', 'model - population mL [95% CI]'] == ''
+
+
+def test_robustness_table_gives_the_ratio_of_model_errors(tmp_path):
+  reference = _write(tmp_path / 'a', {('model', 'hippocampus'): 0.04,
+                                      ('population_rate', 'hippocampus'): 0.05})
+  changed = _write(tmp_path / 'b', {('model', 'hippocampus'): 0.042,
+                                    ('population_rate', 'hippocampus'): 0.05})
+  row = results.robustness_table(reference, changed).set_index('region').loc['hippocampus']
+  assert row['model changed / reference'] == 1.05
+  assert row['model reference'] == 0.04 and row['population_rate changed'] == 0.05
