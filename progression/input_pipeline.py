@@ -38,6 +38,7 @@ import pandas as pd
 from progression import (cohort, cohort_spec, covariates, io, labels, preprocess, regional_model,
                          registration, workers)
 from progression.errors import ProgressionError
+from progression.progress import ProgressBar
 from progression.evaluation import baselines, tissue, volumes
 from progression.models import prior as prior_lib
 
@@ -63,7 +64,8 @@ class PairDataset:
     self._transforms: list[registration.RigidTransform] | None = None
     if registration_spec is not None and registration_spec.enabled:
       pairs, registrations = registration.register_pairs(
-          pairs, self.cache_dir / 'registration', registration_spec.on_failure)
+          pairs, self.cache_dir / 'registration', registration_spec.on_failure,
+          ProgressBar('pairs registered (follow-up to baseline)'))
       if len(pairs) == 0:
         raise ProgressionError('no pairs to load: every pair failed registration')
       self._transforms = [r.transform for r in registrations]

@@ -43,6 +43,7 @@ import pandas as pd
 from progression import cohort_spec, io, preprocess, registration
 from progression import labels as L
 from progression.errors import ProgressionError
+from progression.progress import ProgressBar
 from progression.evaluation import (baselines, comparisons, figures, image_metrics, tissue,
                                     volumes)
 from progression.evaluation.baselines import Method, optional_text
@@ -154,7 +155,7 @@ def check_pairs(pairs: pd.DataFrame, where: str = 'pairs',
     return pairs
   kept, registrations = registration.register_pairs(
       pairs, registration_cache_dir or registration.default_cache_dir(),
-      registration_spec.on_failure)
+      registration_spec.on_failure, ProgressBar('pairs registered (follow-up to baseline)'))
   if len(kept) == 0:
     raise ProgressionError(f'{where}: no pairs to evaluate: every pair failed registration')
   return kept.assign(**{REGISTRATION_COLUMN: [r.transform.fixed_to_moving
