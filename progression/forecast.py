@@ -21,10 +21,11 @@ Outputs (`Forecast`) are on the *input's* grid and affine, in the file's own vox
     of the baseline made by `evaluation.tissue`;
   * `intervals_ml`: region -> (lower, upper) prediction interval (mL, 90 % by default) around
     `volumes_ml`, from the regional model's split-conformal spread, when the checkpoint has
-    one and labels are given.
-A generator anchored on the regional model (`config.model.prior`) needs the baseline label
-map to build its prior field; without one the prior is off (the forecast is the network's
-residual alone, close to no change) and a warning says so.
+    one and the baseline is measured the way it was fitted (labels or tissue).
+A generator anchored on the regional model (`config.model.prior`; `forecast_anchor`) needs
+the baseline label map to build its prior field when it was trained with label maps; without
+one the prior is off (the forecast is the network's residual alone, close to no change) and a
+warning says so. A checkpoint trained on a cohort without labels anchors on the tissue model.
 The optional intensity-residual head of the generator is not applied: the forecast is the
 deformation of the input image.
 """
@@ -43,16 +44,14 @@ import pandas as pd
 from absl import logging
 
 from progression import checkpoints, covariates, io, labels as labels_lib, preprocess
-from progression import forecast_fields, regional_model, train
+from progression import forecast_anchor, forecast_fields, regional_model, train
 from progression.errors import ProgressionError
 from progression.evaluation import baselines, tissue, volumes
-from progression.models import prior as prior_lib
 
 # Regions of the `evaluation.tissue` classes used without label maps (one definition, shared
 # with the evaluation's baselines so forecasts and measurements name the same regions).
 TISSUE_CLASSES = baselines.TISSUE_REGIONS
 MAX_YEARS = 30.0  # Longest horizon accepted (years); the model is trained on a few years.
-RATE_CORRECTION_STEPS = 3  # Newton steps matching the prior's regional change on the input.
 # Labels and image must share their grid up to this (mm, in the affine).
 _GRID_TOLERANCE_MM = 1e-3
 
@@ -115,8 +114,8 @@ class Forecaster:
     self.downsize = int(config.model.velocity_downsize)
     self.anchored = bool(config.model.prior)
     self.prior_source = train.prior_source(config)
-    self._rate_regions = prior_lib.prior_regions(self.prior_source).rate_regions
-    self._last_prior_inputs = None
+    self._anchor = forecast_anchor.RegionalAnchor(regional, self.prior_source, self.grid,
+                                                  self.anchored)
     self._prior_params = train.zero_residual(params) if self.anchored else None
     model = train.create_model(config)
     self._velocity_fn = jax.jit(lambda p, image, cov, years, classes, rates: model.apply(
@@ -196,83 +195,13 @@ class Forecaster:
                 rate_correction: np.ndarray | None = None) -> np.ndarray:
     """`velocity` with given parameters; `rate_correction` (1/year) is added to the rates."""
     encoded = covariates.encode(cov, self.normalizer)
-    classes, rates = self._prior_inputs(subject, cov)
+    classes, rates = self._anchor.inputs(subject, cov)
     if rate_correction is not None:
       rates = (rates + rate_correction).astype(np.float32)
     velocity = self._velocity_fn(params, jnp.asarray(subject.gridded.image)[None, ..., None],
                                  jnp.asarray(encoded)[None], jnp.float32([years]),
                                  jnp.asarray(classes)[None], jnp.asarray(rates)[None])
     return np.asarray(velocity[0])
-
-  def _rate_correction(self, subject: Subject, cov: covariates.Covariates, years: float,
-                       baseline_ml: Mapping[str, float]) -> np.ndarray | None:
-    """What the prior misses on the input grid at `years`: target - realised log rates.
-
-    The prior is exact on the model grid; measured on the input's own labels (another
-    resolution, trilinearly sampled Jacobian) it realises a few % less of the change (1 % at
-    2 mm on a 2 mm input, 5-8 % at 4 mm on a 3 mm input). One Newton step with the prior
-    alone (the residual zeroed), `RATE_CORRECTION_STEPS` times, corrects the rates the prior is
-    given, so the anchored forecast's regional volumes are the regional model's on the input
-    grid too (within ~0.5 % of the change at 4 mm; a few % for a structure of one or two model
-    voxels on the 8 mm test grids).
-    """
-    if (not self.anchored or self.regional is None or years < 0.1
-        or subject.volume_method != self.prior_source):
-      return None
-    _, rates = self._prior_inputs(subject, cov)
-    correction = np.zeros_like(rates)
-    for _ in range(RATE_CORRECTION_STEPS):
-      velocity = self._velocity(subject, cov, years, self._prior_params, correction)
-      prior_only = self._horizon(subject, velocity, years, baseline_ml)
-      realised = np.array([np.log(max(prior_only.volumes_ml[r], 1e-9) / baseline_ml[r]) / years
-                           if baseline_ml.get(r, 0) > 0 else rates[k]
-                           for k, r in enumerate(self._rate_regions)])
-      correction = np.where(np.isfinite(rates), correction + rates - realised, 0.0).astype(
-          np.float32)  # A region without a predicted rate (NaN) stays unconstrained.
-    return correction
-
-  def _prior_inputs(self, subject: Subject, cov: covariates.Covariates
-                    ) -> tuple[np.ndarray, np.ndarray]:
-    """Model-grid classes and the regional model's annual log rates for the prior field.
-
-    A checkpoint anchored on label maps needs the baseline's label map; one trained on a
-    cohort without labels anchors on the tissue model (any baseline).
-    """
-    last = self._last_prior_inputs  # Each horizon asks 3-4 times for the same subject.
-    if last is not None and last[0] is subject and last[1] == cov:
-      return last[2]
-    inputs = self._solve_prior_inputs(subject, cov)
-    self._last_prior_inputs = (subject, cov, inputs)
-    return inputs
-
-  def _solve_prior_inputs(self, subject: Subject, cov: covariates.Covariates
-                          ) -> tuple[np.ndarray, np.ndarray]:
-    classes = np.zeros(self.grid.shape, np.uint8)
-    rates = np.zeros(len(self._rate_regions), np.float32)
-    if not self.anchored:
-      return classes, rates
-    if self.regional is None or (self.prior_source == 'labels' and subject.labels is None):
-      logging.warning('forecast without a baseline label map (or a checkpoint without a regional '
-                      'model): the regional prior is off and the forecast is the network\'s '
-                      'residual alone; give --labels for anchored forecasts')
-      return classes, rates
-    if self.prior_source == 'labels':
-      classes, baseline_ml = (labels_lib.ids_to_classes(subject.gridded.labels),
-                              self._baseline_ml(subject))
-    else:
-      classes, baseline_ml = self._tissue_prior_inputs(subject)
-    predicted = self.regional.log_rates(cov, baseline_ml)
-    rates = np.asarray([predicted.get(r, np.nan) for r in self._rate_regions], np.float32)
-    return classes, rates
-
-  def _tissue_prior_inputs(self, subject: Subject) -> tuple[np.ndarray, dict[str, float]]:
-    """Tissue classes on the model grid and tissue volumes (mL) of the baseline."""
-    seg = (subject.region_map if subject.volume_method == 'tissue'
-           else tissue.segment_tissue(subject.image.data))
-    classes = preprocess.resample(seg, subject.image.affine, self.grid.shape,
-                                  subject.gridded.affine, order=preprocess.NEAREST)
-    return classes.astype(np.uint8), volumes.regional_volumes_ml(
-        seg, subject.image.voxel_volume_ml, regions=baselines.TISSUE_REGIONS)
 
   def trajectory(self, subject: Subject, velocity: np.ndarray,
                  years: Sequence[float]) -> list[Forecast]:
@@ -295,11 +224,16 @@ class Forecaster:
     baseline_ml = self._baseline_ml(subject)
     out = []
     for t in check_years(years):
-      correction = self._rate_correction(subject, cov, t, baseline_ml)
+      correction = None
+      if self._anchor.corrects(subject, t):
+        prior_only_ml = lambda c, t=t: self._horizon(subject, self._velocity(
+            subject, cov, t, self._prior_params, c), t, baseline_ml).volumes_ml
+        correction = self._anchor.rate_correction(self._anchor.inputs(subject, cov)[1], t,
+                                                  baseline_ml, prior_only_ml)
       velocity = self._velocity(subject, cov, max(t, 1e-3), self._params, correction)
       forecast = self._horizon(subject, velocity, t, baseline_ml)
-      out.append(dataclasses.replace(forecast, intervals_ml=self._intervals(
-          subject, cov, t, baseline_ml, forecast.volumes_ml)))
+      out.append(dataclasses.replace(forecast, intervals_ml=self._anchor.intervals(
+          subject, t, forecast.volumes_ml)))
     return out
 
   def _warn_untrained_missing(self, cov: covariates.Covariates) -> None:
@@ -312,20 +246,6 @@ class Forecaster:
                       'missing; its forecast may be off. Give the field, or train with '
                       'augment.covariate_dropout > 0', ', '.join(fields))
       self._warned_missing.update(fields)
-
-  def _intervals(self, subject: Subject, cov: covariates.Covariates, years: float,
-                 baseline_ml: Mapping[str, float], predicted_ml: Mapping[str, float]
-                 ) -> dict[str, tuple[float, float]]:
-    """Conformal (lower, upper) mL around the predicted volumes (regional model's spread)."""
-    if self.regional is None or subject.volume_method != self.regional.volume_method:
-      return {}
-    out = {}
-    for region in self.regional.regions:
-      if region in predicted_ml:
-        half = self.regional.conformal_q[region] * self.regional.spread(region, years)
-        out[region] = (predicted_ml[region] * float(np.exp(-half)),
-                       predicted_ml[region] * float(np.exp(half)))
-    return out
 
   def forecast(self, baseline: ImageLike, cov: 'covariates.Covariates | Mapping[str, Any]',
                years: Sequence[float], labels: ImageLike | None = None) -> list[Forecast]:
