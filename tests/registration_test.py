@@ -240,3 +240,19 @@ def test_spec_registration_option(tmp_path):
   absent = tmp_path / 'absent.toml'
   absent.write_text(text[:text.index('[registration]')])
   assert cohort_spec.load_spec(absent).registration == cohort_spec.RegistrationSpec()
+
+
+def test_inverse_consistency_tolerance_scales_with_the_voxels(subject):
+  """A 1.2 mm forward/backward disagreement fails at 1 mm voxels, passes at 3 mm ones."""
+  baseline = subject.baseline
+  forward = registration.RigidTransform(np.eye(4))
+  off = np.eye(4)
+  off[0, 3] = 1.2
+  backward = registration.RigidTransform(off)
+  for voxel_mm, fails in ((1.0, True), (3.0, False)):
+    affine = baseline.affine.copy()
+    affine[:3, :3] *= voxel_mm / min(baseline.voxel_size_mm)
+    volume = dataclasses.replace(baseline, affine=affine)
+    result = registration.check(volume, volume, forward, backward)
+    assert result['inverse_mm'] == pytest.approx(1.2, abs=1e-6)
+    assert (result['failure'] is not None) == fails, voxel_mm
