@@ -38,9 +38,9 @@ import pandas as pd
 from progression import (cohort, cohort_spec, covariates, io, labels, preprocess, regional_model,
                          registration, workers)
 from progression.errors import ProgressionError
-from progression.progress import ProgressBar
 from progression.evaluation import baselines, tissue, volumes
 from progression.models import prior as prior_lib
+from progression.progress import ProgressBar
 
 Batch = dict[str, np.ndarray]
 

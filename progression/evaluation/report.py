@@ -43,11 +43,11 @@ import pandas as pd
 from progression import cohort_spec, io, preprocess, registration
 from progression import labels as L
 from progression.errors import ProgressionError
-from progression.progress import ProgressBar
 from progression.evaluation import (baselines, comparisons, figures, image_metrics, tissue,
                                     volumes)
 from progression.evaluation.baselines import Method, optional_text
 from progression.evaluation.comparisons import PAIR_KEY, bootstrap_ci  # Also report.*.
+from progression.progress import ProgressBar
 
 IMAGE_METRICS = ('mse_brain', 'psnr_brain', 'ssim_brain', 'mse_volume', 'psnr_volume',
                  'ssim_volume')
