@@ -87,16 +87,24 @@ def all_regions_table(summary: pd.DataFrame, comparisons: pd.DataFrame) -> pd.Da
 
 
 def robustness_table(reference_dir: Path, changed_dir: Path) -> pd.DataFrame:
-  """Model MAE (mL) per region in two reports, and changed / reference."""
+  """Per region, MAE (mL) of the model and the other methods in two reports, the model's
+  changed / reference, and model / regional_model in each (1: the pipeline kept the
+  regional model's forecast under the changed conditions)."""
   mae = {}
   for name, folder in (('reference', reference_dir), ('changed', changed_dir)):
     summary = pd.read_csv(folder / 'summary.csv')
     rows = summary[(summary.grouping == 'all') & (summary.metric == 'abs_error_ml')]
     mae[name] = rows.pivot_table(index='region', columns='method', values='mean')
-  table = pd.DataFrame({f'{m} {name}': mae[name][m] for m in ('model', 'population_rate')
+  methods = [m for m in _METHOD_ORDER if m in mae['reference'] and m in mae['changed']
+             and m != 'no_change']
+  table = pd.DataFrame({f'{m} {name}': mae[name][m] for m in methods
                         for name in ('reference', 'changed')})
   table['model changed / reference'] = table['model changed'] / table['model reference']
-  return table.reset_index().round(4)
+  if 'regional_model' in methods:
+    for name in ('reference', 'changed'):
+      table[f'model / regional_model {name}'] = (table[f'model {name}']
+                                                 / table[f'regional_model {name}'])
+  return table.reset_index().round(4).fillna('')
 
 
 def curve_table(curve: pd.DataFrame) -> pd.DataFrame:
@@ -148,7 +156,11 @@ def render(report_dir: Path, workdir: Path | None, command: str,
     lines += [figures.markdown_table(curve_table(table)), '']
   if robustness:
     lines += ['## Real-cohort conditions: the same run with and without them', '',
-              f'Reference `{robustness[0]}`, changed `{robustness[1]}` (test split MAE, mL).', '']
+              f'Reference `{robustness[0]}`, changed `{robustness[1]}` (test split MAE, mL). '
+              'Two cohorts made alike differ in their voxels (a moved head is rendered anew) '
+              'and so in their regional models; the `expected` reference shows how much the '
+              'data alone move the errors, and model / regional_model whether the pipeline '
+              'still delivers its regional model\'s forecast.', '']
     if robustness_command:
       lines += ['```', robustness_command, '```', '']
     lines += [figures.markdown_table(robustness_table(*map(Path, robustness))), '']

@@ -35,9 +35,13 @@ def test_all_regions_table_orders_methods_and_states_the_verdict():
 
 def test_robustness_table_gives_the_ratio_of_model_errors(tmp_path):
   reference = _write(tmp_path / 'a', {('model', 'hippocampus'): 0.04,
+                                      ('regional_model', 'hippocampus'): 0.04,
                                       ('population_rate', 'hippocampus'): 0.05})
   changed = _write(tmp_path / 'b', {('model', 'hippocampus'): 0.042,
+                                    ('regional_model', 'hippocampus'): 0.035,
                                     ('population_rate', 'hippocampus'): 0.05})
   row = results.robustness_table(reference, changed).set_index('region').loc['hippocampus']
   assert row['model changed / reference'] == 1.05
   assert row['model reference'] == 0.04 and row['population_rate changed'] == 0.05
+  assert row['model / regional_model reference'] == 1.0
+  assert row['model / regional_model changed'] == 1.2
