@@ -194,7 +194,9 @@ def test_velocity_network_task_with_prior(fast_compiles):
 def test_random_batch_carries_prior_inputs():
   config = tiny_config('', **{'loss.dice': 0.0, 'loss.volume': 0.0})
   batch = benchmark_tasks.random_batch(config, TINY, 2)
-  assert batch['prior_log_rates'].shape == (2, 4) and batch['baseline_labels'].shape == (2, *TINY)
+  from progression.models import prior
+  assert batch['prior_log_rates'].shape == (2, len(prior.RATE_REGIONS))
+  assert batch['baseline_labels'].shape == (2, *TINY)
   config.model.prior = False
   assert 'prior_log_rates' not in benchmark_tasks.random_batch(config, TINY, 2)
 

@@ -1,8 +1,8 @@
-"""Tests for experiments/results.py: RESULTS.md tables from constructed report files."""
+"""Tests for experiments/results_tables.py: RESULTS.md tables from constructed report files."""
 
 import pandas as pd
 
-from experiments import results
+from experiments import results_tables as results
 
 
 def _summary(mae: dict[tuple[str, str], float]) -> pd.DataFrame:
