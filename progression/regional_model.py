@@ -231,9 +231,7 @@ def fit(table: pd.DataFrame, pair_covariates: Sequence[covariates.Covariates],
   years = np.tile(pairs['years'].to_numpy(), 1 + AUGMENT_COPIES)
   per_subject = pairs.groupby('subject')['pair'].transform('count').to_numpy()
   share = np.tile(1.0 / per_subject, 1 + AUGMENT_COPIES) / (1 + AUGMENT_COPIES)
-  subject_codes = pd.factorize(pairs['subject'])[0]
-  fold = np.tile(rng.permutation(subject_codes.max() + 1)[subject_codes] % CV_FOLDS,
-                 1 + AUGMENT_COPIES)
+  fold = np.tile(_subject_folds(pairs['subject'].to_numpy(), rng), 1 + AUGMENT_COPIES)
   coefficients, penalty, sigma_rate, sigma_meas = {}, {}, {}, {}
   for region in regions:
     y = np.tile(pairs[f'y_{region}'].to_numpy(), 1 + AUGMENT_COPIES)
@@ -254,6 +252,12 @@ def fit(table: pd.DataFrame, pair_covariates: Sequence[covariates.Covariates],
                        penalty=penalty, sigma_rate=sigma_rate, sigma_meas=sigma_meas,
                        conformal_q={r: _Z90 for r in regions}, coverage=DEFAULT_COVERAGE,
                        num_subjects=int(pairs['subject'].nunique()))
+
+
+def _subject_folds(subjects: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+  """A fold id in [0, CV_FOLDS) per row, the same for all rows of one subject (seeded)."""
+  codes = pd.factorize(subjects)[0]
+  return rng.permutation(codes.max() + 1)[codes] % CV_FOLDS
 
 
 def _ridge(design: np.ndarray, y: np.ndarray, weights: np.ndarray, penalty: float
@@ -358,16 +362,15 @@ def out_of_fold_scores(model: RegionalModel, table: pd.DataFrame,
   fewer subjects, so their scores, and q, lean slightly conservative).
   """
   per_pair = len(pd.unique(table['region']))
-  subject_of_pair = table['subject'].to_numpy()[::per_pair]
-  codes = pd.factorize(subject_of_pair)[0]
-  fold = np.random.default_rng([seed, 1]).permutation(codes.max() + 1)[codes] % CV_FOLDS
+  fold = _subject_folds(table['subject'].to_numpy()[::per_pair],
+                        np.random.default_rng([seed, 1]))
+  part = lambda keep: (table[np.repeat(keep, per_pair)].reset_index(drop=True),
+                       [c for c, kept in zip(pair_covariates, keep) if kept])
   scores: dict[str, list[float]] = {r: [] for r in model.regions}
   for k in range(CV_FOLDS):
     held = fold == k
     if held.all() or not held.any():
       continue
-    part = lambda keep: (table[np.repeat(keep, per_pair)].reset_index(drop=True),
-                         [c for c, kept in zip(pair_covariates, keep) if kept])
     refit = fit(*part(~held), model.volume_method, seed=seed)
     refit = dataclasses.replace(refit, sigma_rate=model.sigma_rate, sigma_meas=model.sigma_meas,
                                 regions=tuple(r for r in refit.regions if r in model.regions))
