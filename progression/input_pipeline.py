@@ -78,6 +78,8 @@ class PairDataset:
     usable = regional is not None and (self.has_labels or regional.volume_method == 'tissue')
     self.regional = regional if usable else None
     self.prior_source = None if self.regional is None else self.regional.volume_method
+    self._rate_regions = (() if self.regional is None
+                          else prior_lib.prior_regions(self.prior_source).rate_regions)
     self._raw_covariates = [cohort.covariates_of(row) for _, row in self.pairs.iterrows()]
     self._covariates = covariates.encode_many(self._raw_covariates, normalizer)
     self._baseline_ml: dict[int, dict[str, float]] = {}
@@ -98,9 +100,7 @@ class PairDataset:
                                                                 'labels')
       baseline_ml = self._baseline_ml[index]
     rates = self.regional.log_rates(cov, baseline_ml)
-    return np.asarray([rates.get(r, np.nan)
-                       for r in prior_lib.prior_regions(self.prior_source).rate_regions],
-                      np.float32)
+    return np.asarray([rates.get(r, np.nan) for r in self._rate_regions], np.float32)
 
   def example(self, index: int, rng: np.random.Generator | None = None,
               covariate_dropout: float = 0.0) -> Batch:
