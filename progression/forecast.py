@@ -91,6 +91,11 @@ class Subject:
   regions: dict[str, tuple[int, ...]]
   volume_method: str
 
+  def baseline_volumes_ml(self) -> dict[str, float]:
+    """Regional volumes (mL) of `region_map` (`regions`)."""
+    return volumes.regional_volumes_ml(self.region_map, self.image.voxel_volume_ml,
+                                       regions=self.regions)
+
 
 class Forecaster:
   """Forecasts follow-up MRIs with a trained generator on one device (CPU or GPU; no pmap)."""
@@ -116,11 +121,12 @@ class Forecaster:
     self.prior_source = train.prior_source(config)
     self._anchor = forecast_anchor.RegionalAnchor(regional, self.prior_source, self.grid,
                                                   self.anchored)
-    self._prior_params = train.zero_residual(params) if self.anchored else None
     model = train.create_model(config)
     self._velocity_fn = jax.jit(lambda p, image, cov, years, classes, rates: model.apply(
         {'params': p}, image, cov, years, *((classes, rates) if self.anchored else ()),
         method=model.velocity).astype(jnp.float32))
+    self._prior_fn = jax.jit(lambda p, image, years, classes, rates: model.apply(
+        {'params': p}, image, years, classes, rates, method=model.prior).astype(jnp.float32))
     self._fields_fn = jax.jit(forecast_fields.fields_on_input, static_argnums=3)
     self._warp_fn = jax.jit(forecast_fields.warp_input)
 
@@ -189,18 +195,23 @@ class Forecaster:
 
     With an anchored generator the prior part is solved for the horizon `years` (years).
     """
-    return self._velocity(subject, as_covariates(cov), years, self._params)
+    return self._velocity(subject, as_covariates(cov), years)
 
-  def _velocity(self, subject: Subject, cov: covariates.Covariates, years: float, params: Any,
-                rate_correction: np.ndarray | None = None) -> np.ndarray:
-    """`velocity` with given parameters; `rate_correction` (1/year) is added to the rates."""
-    encoded = covariates.encode(cov, self.normalizer)
+  def _velocity(self, subject: Subject, cov: covariates.Covariates, years: float,
+                rate_correction: np.ndarray | None = None, prior_only: bool = False
+                ) -> np.ndarray:
+    """`velocity`, with `rate_correction` (1/year) added to the prior's rates; `prior_only`:
+    the prior field alone (the residual zeroed), without running the network."""
     classes, rates = self._anchor.inputs(subject, cov)
     if rate_correction is not None:
       rates = (rates + rate_correction).astype(np.float32)
-    velocity = self._velocity_fn(params, jnp.asarray(subject.gridded.image)[None, ..., None],
-                                 jnp.asarray(encoded)[None], jnp.float32([years]),
-                                 jnp.asarray(classes)[None], jnp.asarray(rates)[None])
+    image = jnp.asarray(subject.gridded.image)[None, ..., None]
+    inputs = (jnp.float32([years]), jnp.asarray(classes)[None], jnp.asarray(rates)[None])
+    if prior_only:
+      velocity = self._prior_fn(self._params, image, *inputs)
+    else:
+      encoded = jnp.asarray(covariates.encode(cov, self.normalizer))[None]
+      velocity = self._velocity_fn(self._params, image, encoded, *inputs)
     return np.asarray(velocity[0])
 
   def trajectory(self, subject: Subject, velocity: np.ndarray,
@@ -210,27 +221,23 @@ class Forecaster:
     if velocity.shape != self.velocity_shape:
       raise ProgressionError(f'velocity: expected shape {self.velocity_shape}, '
                              f'got {velocity.shape}')
-    baseline_ml = self._baseline_ml(subject)
+    baseline_ml = subject.baseline_volumes_ml()
     return [self._horizon(subject, velocity, t, baseline_ml) for t in check_years(years)]
-
-  def _baseline_ml(self, subject: Subject) -> dict[str, float]:
-    return volumes.regional_volumes_ml(subject.region_map, subject.image.voxel_volume_ml,
-                                       regions=subject.regions)
 
   def _forecasts(self, subject: Subject, cov: covariates.Covariates,
                  years: Sequence[float]) -> list[Forecast]:
     """One forecast per horizon; an anchored generator's prior is solved per horizon."""
     self._warn_untrained_missing(cov)
-    baseline_ml = self._baseline_ml(subject)
+    baseline_ml = subject.baseline_volumes_ml()
     out = []
     for t in check_years(years):
       correction = None
       if self._anchor.corrects(subject, t):
-        prior_only_ml = lambda c, t=t: self._horizon(subject, self._velocity(
-            subject, cov, t, self._prior_params, c), t, baseline_ml).volumes_ml
+        prior_only_ml = lambda c, t=t: self._volumes_at(
+            subject, self._velocity(subject, cov, t, c, prior_only=True), t)
         correction = self._anchor.rate_correction(self._anchor.inputs(subject, cov)[1], t,
                                                   baseline_ml, prior_only_ml)
-      velocity = self._velocity(subject, cov, max(t, 1e-3), self._params, correction)
+      velocity = self._velocity(subject, cov, max(t, 1e-3), correction)
       forecast = self._horizon(subject, velocity, t, baseline_ml)
       out.append(dataclasses.replace(forecast, intervals_ml=self._anchor.intervals(
           subject, t, forecast.volumes_ml)))
@@ -283,16 +290,28 @@ class Forecaster:
     subject = self.prepare(baseline, labels)
     return {name: self._forecasts(subject, c, years) for name, c in changed.items()}
 
+  def _sampled_fields(self, subject: Subject, velocity: np.ndarray, years: float) -> jax.Array:
+    """`forecast_fields.fields_on_input` of a horizon: `[4, X, Y, Z]` on the input's voxels."""
+    to_grid = np.linalg.solve(subject.gridded.affine, subject.image.affine)[:3]
+    return self._fields_fn(
+        jnp.asarray(velocity), jnp.float32(years), jnp.asarray(to_grid, jnp.float32),
+        (int(self.config.model.num_squarings), self.downsize, subject.image.data.shape))
+
+  def _volumes_at(self, subject: Subject, velocity: np.ndarray, years: float
+                  ) -> dict[str, float]:
+    """A horizon's Jacobian-integrated regional volumes (mL), without warping the images."""
+    jacobian = 1.0 + np.asarray(self._sampled_fields(subject, velocity, years)[3])
+    measured = volumes.jacobian_integrated_volumes_ml(
+        subject.region_map, jacobian, subject.image.voxel_volume_ml, regions=subject.regions)
+    return {k: float(v) for k, v in measured.items()}
+
   def _horizon(self, subject: Subject, velocity: np.ndarray, years: float,
                baseline_ml: dict[str, float]) -> Forecast:
     image = subject.image
     grid_affine = subject.gridded.affine
-    to_grid = np.linalg.solve(grid_affine, image.affine)[:3]  # input voxel -> model voxel
     grid_to_input = np.linalg.solve(image.affine[:3, :3], grid_affine[:3, :3])
     label_map = None if subject.labels is None else jnp.asarray(subject.labels.data)
-    sampled = self._fields_fn(
-        jnp.asarray(velocity), jnp.float32(years), jnp.asarray(to_grid, jnp.float32),
-        (int(self.config.model.num_squarings), self.downsize, image.data.shape))
+    sampled = self._sampled_fields(subject, velocity, years)
     predicted, displacement_mm, jacobian, warped_labels = (
         None if x is None else np.asarray(x) for x in self._warp_fn(
             sampled, jnp.asarray(image.data, jnp.float32), label_map,

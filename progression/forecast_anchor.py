@@ -61,9 +61,7 @@ class RegionalAnchor:
       return classes, rates
     if self.prior_source == 'labels':
       classes = labels_lib.ids_to_classes(subject.gridded.labels)
-      baseline_ml = volumes.regional_volumes_ml(subject.region_map,
-                                                subject.image.voxel_volume_ml,
-                                                regions=subject.regions)
+      baseline_ml = subject.baseline_volumes_ml()
     else:
       classes, baseline_ml = self._tissue_inputs(subject)
     predicted = self.regional.log_rates(cov, baseline_ml)

@@ -171,8 +171,10 @@ class ProgressionGenerator(nn.Module):
       v = m * jnp.tanh(v / m)
     return v
 
-  def _prior(self, baseline: Array, years: Array, prior_classes: Optional[Array],
-             prior_log_rates: Optional[Array]) -> Optional[Array]:
+  def prior(self, baseline: Array, years: Array, prior_classes: Optional[Array],
+            prior_log_rates: Optional[Array]) -> Optional[Array]:
+    """The prior part of `velocity` [B, X/f, Y/f, Z/f, 3] (None unanchored; no parameters:
+    what `velocity` gives with the residual head zeroed, without running the network)."""
     if self.prior_regions is None:
       return None
     if prior_classes is None or prior_log_rates is None:
@@ -192,7 +194,7 @@ class ProgressionGenerator(nn.Module):
     prior_log_rates [B, K].
     """
     residual = self._velocity_head(self._trunk(baseline, covariates, prior_log_rates))
-    prior = self._prior(baseline, years if years is None else jnp.asarray(years, jnp.float32),
+    prior = self.prior(baseline, years if years is None else jnp.asarray(years, jnp.float32),
                         prior_classes, prior_log_rates)
     return residual if prior is None else residual + prior
 
@@ -216,7 +218,7 @@ class ProgressionGenerator(nn.Module):
     if self.intensity_residual:
       rate = layers.depth_to_space(self.intensity_head(h), self.downsize)
     velocity = self._velocity_head(h)
-    prior = self._prior(baseline, years, prior_classes, prior_log_rates)
+    prior = self.prior(baseline, years, prior_classes, prior_log_rates)
     if prior is not None:
       velocity = velocity + prior
     out = forecast_from_velocity(baseline, velocity, years, self.num_squarings,
