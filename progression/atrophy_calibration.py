@@ -1,7 +1,7 @@
 """Calibrates a subject's known atrophy deformation so its label volumes follow target rates.
 
 The simulator (`progression.synthetic`) deforms each subject's phantom by a stationary
-velocity field, a sum of unit fields (`phantom.velocity_basis`: whole brain, each
+velocity field, a sum of unit fields (`phantom_atrophy.velocity_basis`: whole brain, each
 hippocampus, amygdala and lateral ventricle). `calibrate_followups` finds the coefficients by
 Newton steps on the volumes *measured on the rendered follow-up label maps* (log-linear least
 squares over the visits), with the first-order gain matrix (mean divergence of each field
@@ -15,6 +15,7 @@ import numpy as np
 
 from progression import labels as L
 from progression import phantom
+from progression import phantom_atrophy
 
 # Controlled targets: (region whose rate applies, label ids measured, velocity field).
 _TARGETS = (
@@ -34,7 +35,7 @@ def _target_counts(labels: np.ndarray) -> np.ndarray:
   return np.array([per_id[list(ids)].sum() for _, ids, _ in _TARGETS], dtype=np.float64)
 
 
-def _gain_matrix(basis: np.ndarray, grid: phantom.CoarseGrid,
+def _gain_matrix(basis: np.ndarray, grid: phantom_atrophy.CoarseGrid,
                  labels: np.ndarray) -> np.ndarray:
   """d log(volume_k) / dt per unit coefficient j at t = 0: mean divergence of field j on k.
 
@@ -63,9 +64,9 @@ def _pullbacks(coefficients, basis, grid, years: list[float]) -> list[np.ndarray
   for k, t in enumerate(years):
     if k and abs(t - years[k - 1] - years[0]) < 1e-9:
       first = maps[0]
-      maps.append(first + phantom.sample_linear(maps[-1], index + first / grid.spacing_mm))
+      maps.append(first + phantom_atrophy.sample_linear(maps[-1], index + first / grid.spacing_mm))
     else:
-      maps.append(phantom.integrate(velocity, -t, grid))
+      maps.append(phantom_atrophy.integrate(velocity, -t, grid))
   return maps
 
 
@@ -73,7 +74,7 @@ def _render_followups(anat, coefficients, basis, grid, world, years, voxel_mm, w
   """Per follow-up: (labels, intensities or None, displacement mm, anatomical coordinates)."""
   followups = []
   for coarse in _pullbacks(coefficients, basis, grid, years):
-    displacement = phantom.upsample(coarse, grid)
+    displacement = phantom_atrophy.upsample(coarse, grid)
     r = phantom.anatomical_coordinates(anat, world + displacement)
     followups.append(phantom.render(anat, r, voxel_mm, with_intensity) + (displacement, r))
   return followups
@@ -93,8 +94,8 @@ def calibrate_followups(anat: phantom.Anatomy, world: np.ndarray, voxel_mm: floa
     per follow-up: (labels, intensities or None, displacement mm `[3,x,y,z]`, anatomical
     coordinates `[3,x,y,z]`).
   """
-  grid = phantom.coarse_grid(baseline_labels.shape, voxel_mm)
-  basis = phantom.velocity_basis(anat, grid, [f for _, _, f in _TARGETS])
+  grid = phantom_atrophy.coarse_grid(baseline_labels.shape, voxel_mm)
+  basis = phantom_atrophy.velocity_basis(anat, grid, [f for _, _, f in _TARGETS])
   gain = _gain_matrix(basis, grid, baseline_labels)
   counts0 = _target_counts(baseline_labels)
   active = np.flatnonzero(counts0 > 0)

@@ -47,6 +47,7 @@ from progression import labels as L
 from progression import atrophy_calibration
 from progression import disease_model
 from progression import phantom
+from progression import phantom_atrophy
 from progression import workers as worker_pool
 from progression.errors import ProgressionError
 
@@ -207,7 +208,7 @@ def _sample_mm(displacement: np.ndarray, points: np.ndarray, voxel_mm: float) ->
   """A displacement `[3, x, y, z]` on the centred image grid sampled at world points (mm)."""
   shape = np.asarray(displacement.shape[1:], np.float32).reshape(3, *([1] * (points.ndim - 1)))
   where = points / np.float32(voxel_mm) + 0.5 * (shape - 1)
-  return phantom.sample_linear(displacement, where)
+  return phantom_atrophy.sample_linear(displacement, where)
 
 
 # ------------------------------------------------------------------------- writing

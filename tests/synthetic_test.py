@@ -11,7 +11,8 @@ import pandas as pd
 import pytest
 from scipy import ndimage
 
-from progression import cohort_statistics, disease_model, io, phantom, synthetic
+from progression import (cohort_statistics, disease_model, io, phantom, phantom_atrophy,
+                         synthetic)
 from progression import labels as L
 from progression.errors import ProgressionError
 
@@ -135,17 +136,17 @@ def test_followup_deformation_is_diffeomorphic_and_composes():
   plan = next(p for p in synthetic.plan_cohort(3, 3, seed=1) if p.diagnosis == 'AD')
   visits = synthetic.simulate_subject(plan, SHAPE, VOXEL_MM, seed=1)
   for visit in visits[1:]:
-    det = phantom.jacobian_determinant(visit['displacement'], VOXEL_MM)
+    det = phantom_atrophy.jacobian_determinant(visit['displacement'], VOXEL_MM)
     assert det.min() > 0.5 and det.max() < 1.5
     assert det.min() < 0.995 and det.max() > 1.005                      # it does deform
   # Stationary velocity: phi_2 = phi_1 o phi_1 (to interpolation error, mm).
   anat = phantom.sample_anatomy(np.random.default_rng(0), 128.0)
-  grid = phantom.coarse_grid((64, 64, 64), 2.0)
-  basis = phantom.velocity_basis(anat, grid, [None, ('lateral_ventricle', 1)])
+  grid = phantom_atrophy.coarse_grid((64, 64, 64), 2.0)
+  basis = phantom_atrophy.velocity_basis(anat, grid, [None, ('lateral_ventricle', 1)])
   velocity = -0.02 * basis[0] + 0.3 * basis[1]
-  one, two = (phantom.integrate(velocity, t, grid) for t in (1.0, 2.0))
+  one, two = (phantom_atrophy.integrate(velocity, t, grid) for t in (1.0, 2.0))
   index = np.indices(one.shape[1:], dtype=np.float32)
-  composed = one + phantom.sample_linear(one, index + one / grid.spacing_mm)
+  composed = one + phantom_atrophy.sample_linear(one, index + one / grid.spacing_mm)
   assert np.abs(two).max() > 1.0
   np.testing.assert_allclose(composed, two, atol=0.02 * np.abs(two).max())
 
