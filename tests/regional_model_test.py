@@ -120,3 +120,28 @@ def test_penalty_is_chosen_by_cross_validation():
   assert noisy.penalty['whole_brain'] >= 100.0
   restored = regional_model.RegionalModel.from_dict(noisy.to_dict())
   assert restored.penalty == noisy.penalty
+
+
+def test_anatomy_features_are_the_atrophy_markers_with_labels_and_every_class_without():
+  table, covs = _cohort(30, seed=6)
+  labelled = regional_model.fit(table, covs, 'labels')
+  assert labelled.anatomy_regions == ('hippocampus', 'lateral_ventricles')
+  assert set(labelled.regions) == set(REGIONS)  # every region is still predicted
+  tissue_table = table.replace({'region': {'hippocampus': 'gm', 'whole_brain': 'brain',
+                                           'lateral_ventricles': 'wm'}})
+  tissue = regional_model.fit(tissue_table, covs, 'tissue')
+  assert set(tissue.anatomy_regions) == {'gm', 'brain', 'csf', 'wm'}
+
+
+def test_a_saved_model_with_other_anatomy_features_predicts_with_its_own():
+  """Checkpoints saved with every region's fraction as a feature keep forecasting alike."""
+  table, covs = _cohort(30, seed=7)
+  model = regional_model.fit(table, covs, 'labels')
+  data = model.to_dict()
+  data['feature_names'] = data['feature_names'] + ['logfrac_csf']
+  data['mean'], data['scale'] = data['mean'] + [-1.5], data['scale'] + [0.1]
+  data['coefficients'] = {r: list(c) + [0.0] for r, c in data['coefficients'].items()}
+  older = regional_model.RegionalModel.from_dict(data)
+  assert older.anatomy_regions == ('hippocampus', 'lateral_ventricles', 'csf')
+  baseline = dict(zip(table.region[:4], table.baseline_ml[:4]))
+  assert older.log_rates(covs[0], baseline) == pytest.approx(model.log_rates(covs[0], baseline))
