@@ -133,15 +133,43 @@ def test_anatomy_features_are_the_atrophy_markers_with_labels_and_every_class_wi
   assert set(tissue.anatomy_regions) == {'gm', 'brain', 'csf', 'wm'}
 
 
-def test_a_saved_model_with_other_anatomy_features_predicts_with_its_own():
-  """Checkpoints saved with every region's fraction as a feature keep forecasting alike."""
+def test_a_saved_model_with_other_features_predicts_with_its_own():
+  """A checkpoint saved with every region's fraction and no interactions keeps forecasting."""
   table, covs = _cohort(30, seed=7)
-  model = regional_model.fit(table, covs, 'labels')
-  data = model.to_dict()
-  data['feature_names'] = data['feature_names'] + ['logfrac_csf']
-  data['mean'], data['scale'] = data['mean'] + [-1.5], data['scale'] + [0.1]
-  data['coefficients'] = {r: list(c) + [0.0] for r, c in data['coefficients'].items()}
+  data = regional_model.fit(table, covs, 'labels').to_dict()
+  kept = [i for i, f in enumerate(data['feature_names']) if '*' not in f]
+  names = [data['feature_names'][i] for i in kept] + ['logfrac_csf']
+  data.update(feature_names=names, mean=[0.0] * len(names), scale=[1.0] * len(names),
+              coefficients={r: [0.0] * len(names) + [1.0] for r in data['regions']})
+  del data['interaction_factor']
   older = regional_model.RegionalModel.from_dict(data)
   assert older.anatomy_regions == ('hippocampus', 'lateral_ventricles', 'csf')
-  baseline = dict(zip(table.region[:4], table.baseline_ml[:4]))
-  assert older.log_rates(covs[0], baseline) == pytest.approx(model.log_rates(covs[0], baseline))
+  baseline = {'hippocampus': 6.0, 'whole_brain': 1100.0, 'csf': 300.0,
+              'lateral_ventricles': 30.0}
+  expected = math.log(300.0 / 1430.0)  # Only the CSF fraction's coefficient is non-zero.
+  assert older.log_rates(covs[0], baseline)['hippocampus'] == pytest.approx(expected)
+
+
+def test_diagnosis_interactions_are_learned_when_a_score_matters_only_in_one_diagnosis():
+  rng = np.random.default_rng(8)
+  records, covs = [], []
+  for s in range(90):
+    dx, mmse = ('CN', 'MCI', 'AD')[s % 3], float(rng.integers(18, 31))
+    rate = -0.02 - (0.005 * (30 - mmse) if dx == 'MCI' else 0.0)
+    baseline = {'hippocampus': rng.uniform(5.0, 9.0), 'whole_brain': 1100.0, 'csf': 300.0,
+                'lateral_ventricles': 30.0}
+    records += [{'subject': f's{s}', 'interval_years': 1.0, 'region': r, 'baseline_ml': v,
+                 'followup_ml': v * math.exp(rate if r == 'hippocampus' else -0.005)}
+                for r, v in baseline.items()]
+    covs.append(covariates.Covariates(diagnosis=dx, mmse=mmse))
+  model = regional_model.fit(pd.DataFrame(records), covs, 'labels')
+  assert model.interaction_factor['hippocampus'] < max(regional_model.INTERACTION_FACTORS)
+  baseline = {'hippocampus': 6.0, 'whole_brain': 1100.0, 'csf': 300.0,
+              'lateral_ventricles': 30.0}
+  rate = lambda dx, mmse: model.log_rates(covariates.Covariates(diagnosis=dx, mmse=mmse),
+                                          baseline)['hippocampus']
+  # True MMSE slope: 0.005 / point in MCI, none in CN (one shared slope without interactions;
+  # the uncentred products shrink the difference, by ~25 % here).
+  assert (rate('MCI', 28.0) - rate('MCI', 20.0)) / 8.0 == pytest.approx(0.005, rel=0.3)
+  assert abs(rate('CN', 28.0) - rate('CN', 20.0)) / 8.0 < 0.001
+  assert rate('MCI', 24.0) == pytest.approx(-0.05, abs=3e-3)
