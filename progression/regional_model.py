@@ -289,7 +289,7 @@ def fit(table: pd.DataFrame, pair_covariates: Sequence[covariates.Covariates],
   per_subject = pairs.groupby('subject')['pair'].transform('count').to_numpy()
   share = np.tile(1.0 / per_subject, 1 + AUGMENT_COPIES) / (1 + AUGMENT_COPIES)
   fold = np.tile(_subject_folds(pairs['subject'].to_numpy(), rng), 1 + AUGMENT_COPIES)
-  interacting = np.arange(design.shape[1]) > design.shape[1] - 1 - len(_interaction_names())
+  interacting = np.arange(design.shape[1]) >= design.shape[1] - len(_interaction_names())
   coefficients, penalty, factor, sigma_rate, sigma_meas = {}, {}, {}, {}, {}
   for region in regions:
     y = np.tile(pairs[f'y_{region}'].to_numpy(), 1 + AUGMENT_COPIES)
