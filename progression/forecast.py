@@ -96,6 +96,12 @@ class Subject:
     return volumes.regional_volumes_ml(self.region_map, self.image.voxel_volume_ml,
                                        regions=self.regions)
 
+  def forecast_volumes_ml(self, jacobian: np.ndarray) -> dict[str, float]:
+    """Regional volumes (mL) after a change of local volume `jacobian` (input voxels)."""
+    measured = volumes.jacobian_integrated_volumes_ml(
+        self.region_map, jacobian, self.image.voxel_volume_ml, regions=self.regions)
+    return {k: float(v) for k, v in measured.items()}
+
 
 class Forecaster:
   """Forecasts follow-up MRIs with a trained generator on one device (CPU or GPU; no pmap)."""
@@ -301,9 +307,7 @@ class Forecaster:
                   ) -> dict[str, float]:
     """A horizon's Jacobian-integrated regional volumes (mL), without warping the images."""
     jacobian = 1.0 + np.asarray(self._sampled_fields(subject, velocity, years)[3])
-    measured = volumes.jacobian_integrated_volumes_ml(
-        subject.region_map, jacobian, subject.image.voxel_volume_ml, regions=subject.regions)
-    return {k: float(v) for k, v in measured.items()}
+    return subject.forecast_volumes_ml(jacobian)
 
   def _horizon(self, subject: Subject, velocity: np.ndarray, years: float,
                baseline_ml: dict[str, float]) -> Forecast:
@@ -316,8 +320,6 @@ class Forecaster:
         None if x is None else np.asarray(x) for x in self._warp_fn(
             sampled, jnp.asarray(image.data, jnp.float32), label_map,
             jnp.asarray(grid_to_input, jnp.float32), jnp.asarray(grid_affine[:3, :3], jnp.float32)))
-    measured = volumes.jacobian_integrated_volumes_ml(
-        subject.region_map, jacobian, image.voxel_volume_ml, regions=subject.regions)
     return Forecast(
         years=float(years),
         image=like_input(predicted, image),
@@ -325,7 +327,7 @@ class Forecaster:
         jacobian=like_input(jacobian, image),
         labels=None if warped_labels is None else like_input(warped_labels.astype(np.int16),
                                                              image),
-        volumes_ml={k: float(v) for k, v in measured.items()},
+        volumes_ml=subject.forecast_volumes_ml(jacobian),
         baseline_volumes_ml=dict(baseline_ml),
         volume_method=subject.volume_method)
 
