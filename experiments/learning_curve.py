@@ -19,7 +19,7 @@ import pandas as pd
 from absl import app, flags
 
 from experiments import common
-from progression import cohort, regional_model
+from progression import cohort, regional_intervals, regional_model
 from progression.evaluation import baselines, comparisons, references
 from progression.progress import ProgressBar
 
@@ -83,7 +83,7 @@ def learning_curve(root: str, sizes: list[int], seed: int) -> pd.DataFrame:
     per_pair = len(pd.unique(train_table.region))
     table = train_table[np.repeat(keep, per_pair)].reset_index(drop=True)
     covs = [c for c, k in zip(train_covs, keep) if k]
-    model = regional_model.calibrate(regional_model.fit(table, covs, 'labels', seed=seed),
+    model = regional_intervals.calibrate(regional_model.fit(table, covs, 'labels', seed=seed),
                                      val_table, val_covs)
     rates = baselines.fit_population_rates(table, 'labels')
     methods = [('regional_model', lambda pair, v0, years: model.predict_volumes_ml(

@@ -40,10 +40,9 @@ the hippocampal test error by 18 %), with hundreds the penalty hardly matters.
 
 Prediction: V1 = V0 exp(t y_hat); its predictive spread on the log scale is
 s(t) = sqrt(t^2 sigma_rate^2 + 2 sigma_meas^2), and the interval V0 exp(t y_hat +- q s(t))
-with q calibrated split-conformally (`calibrate`) for `coverage` (90 % by default): the
-ceil((n + 1) coverage)-th smallest |score| of the validation pairs pooled with out-of-fold
-scores of the training pairs (`out_of_fold_scores`; on the synthetic cohorts this moved
-test coverage from 84-90 % to 86-89 % at 120 training subjects).
+with q calibrated split-conformally for `coverage` (90 % by default) by
+`progression.regional_intervals`, which also fits and calibrates from pair tables
+(`fit_on_pairs`).
 """
 
 import dataclasses
@@ -54,9 +53,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from progression import cohort, covariates
+from progression import covariates
 from progression.errors import ProgressionError
-from progression.evaluation import baselines
 
 HEAD_REGIONS = {'labels': ('whole_brain', 'csf', 'lateral_ventricles'),
                 'tissue': ('brain', 'csf')}
@@ -263,7 +261,7 @@ def fit(table: pd.DataFrame, pair_covariates: Sequence[covariates.Covariates],
   Raises:
     ProgressionError: for an empty table or covariates not matching its pairs.
   """
-  pairs = _pairs_wide(table)
+  pairs = pairs_wide(table)
   if len(pairs) == 0:
     raise ProgressionError('regional model: no training pairs with valid volumes')
   if len(pair_covariates) != pairs.attrs['num_pairs']:
@@ -288,7 +286,7 @@ def fit(table: pd.DataFrame, pair_covariates: Sequence[covariates.Covariates],
   years = np.tile(pairs['years'].to_numpy(), 1 + AUGMENT_COPIES)
   per_subject = pairs.groupby('subject')['pair'].transform('count').to_numpy()
   share = np.tile(1.0 / per_subject, 1 + AUGMENT_COPIES) / (1 + AUGMENT_COPIES)
-  fold = np.tile(_subject_folds(pairs['subject'].to_numpy(), rng), 1 + AUGMENT_COPIES)
+  fold = np.tile(subject_folds(pairs['subject'].to_numpy(), rng), 1 + AUGMENT_COPIES)
   interacting = np.arange(design.shape[1]) >= design.shape[1] - len(_interaction_names())
   coefficients, penalty, factor, sigma_rate, sigma_meas = {}, {}, {}, {}, {}
   for region in regions:
@@ -315,7 +313,7 @@ def fit(table: pd.DataFrame, pair_covariates: Sequence[covariates.Covariates],
                        num_subjects=int(pairs['subject'].nunique()))
 
 
-def _subject_folds(subjects: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+def subject_folds(subjects: np.ndarray, rng: np.random.Generator) -> np.ndarray:
   """A fold id in [0, CV_FOLDS) per row, the same for all rows of one subject (seeded)."""
   codes = pd.factorize(subjects)[0]
   return rng.permutation(codes.max() + 1)[codes] % CV_FOLDS
@@ -379,7 +377,7 @@ def _variance_components(residual: np.ndarray, years: np.ndarray) -> tuple[float
   return float(max(solution[0], floor)), float(max(solution[1], 1e-12))
 
 
-def _pairs_wide(table: pd.DataFrame, regions: Sequence[str] | None = None) -> pd.DataFrame:
+def pairs_wide(table: pd.DataFrame, regions: Sequence[str] | None = None) -> pd.DataFrame:
   """One row per pair with valid volumes: pair index, subject, years, baseline dict, y_<r>.
 
   `table` holds each pair's regions in consecutive rows (`baselines.training_volume_table`);
@@ -408,86 +406,3 @@ def _pairs_wide(table: pd.DataFrame, regions: Sequence[str] | None = None) -> pd
   wide = pd.DataFrame.from_records(records)
   wide.attrs.update(regions=regions, num_pairs=num_pairs)
   return wide
-
-
-def conformity_scores(model: RegionalModel, table: pd.DataFrame,
-                      pair_covariates: Sequence[covariates.Covariates]
-                      ) -> dict[str, list[float]]:
-  """Per region, |log(V1 / V0) - t y_hat| / s(t) of each valid pair (`fit`'s table layout)."""
-  pairs = _pairs_wide(table, model.regions)
-  scores: dict[str, list[float]] = {r: [] for r in model.regions}
-  for _, row in pairs.iterrows():
-    rates = model.log_rates(pair_covariates[int(row['pair'])], row['baseline'])
-    for region in model.regions:
-      scores[region].append(abs(row['years'] * (row[f'y_{region}'] - rates[region]))
-                            / model.spread(region, row['years']))
-  return scores
-
-
-def out_of_fold_scores(model: RegionalModel, table: pd.DataFrame,
-                       pair_covariates: Sequence[covariates.Covariates], seed: int = 0
-                       ) -> dict[str, list[float]]:
-  """Conformity scores of the training pairs, each from a refit without its subject's fold.
-
-  `CV_FOLDS` subject-grouped folds; each refit predicts its held-out pairs with the full
-  model's spread. Pooled with the validation scores (`calibrate`), they make q rest on every
-  subject, not on the validation split's few dozen (the CV+ idea; the refits see 1/CV_FOLDS
-  fewer subjects, so their scores, and q, lean slightly conservative).
-  """
-  per_pair = len(pd.unique(table['region']))
-  fold = _subject_folds(table['subject'].to_numpy()[::per_pair],
-                        np.random.default_rng([seed, 1]))
-  part = lambda keep: (table[np.repeat(keep, per_pair)].reset_index(drop=True),
-                       [c for c, kept in zip(pair_covariates, keep) if kept])
-  scores: dict[str, list[float]] = {r: [] for r in model.regions}
-  for k in range(CV_FOLDS):
-    held = fold == k
-    if held.all() or not held.any():
-      continue
-    refit = fit(*part(~held), model.volume_method, seed=seed)
-    refit = dataclasses.replace(refit, sigma_rate=model.sigma_rate, sigma_meas=model.sigma_meas,
-                                regions=tuple(r for r in refit.regions if r in model.regions))
-    for region, values in conformity_scores(refit, *part(held)).items():
-      if region in scores:
-        scores[region] += values
-  return scores
-
-
-def calibrate(model: RegionalModel, table: pd.DataFrame,
-              pair_covariates: Sequence[covariates.Covariates],
-              coverage: float = DEFAULT_COVERAGE,
-              extra_scores: Mapping[str, Sequence[float]] | None = None) -> RegionalModel:
-  """Split-conformal q per region on validation pairs (`fit`'s table and covariate layout).
-
-  The score of a pair is |log(V1 / V0) - t y_hat| / s(t); q is the ceil((n + 1) coverage)-th
-  smallest of the n scores (the largest when n is too small), which covers a new
-  exchangeable pair with probability >= coverage. `extra_scores` (e.g. `out_of_fold_scores`)
-  join the validation scores. Without any score the model is returned unchanged.
-  """
-  scores = conformity_scores(model, table, pair_covariates)
-  q = {}
-  for region in model.regions:
-    pooled = np.sort(scores[region] + list((extra_scores or {}).get(region, ())))
-    if len(pooled) == 0:
-      return model
-    rank = min(len(pooled), math.ceil((len(pooled) + 1) * coverage))
-    q[region] = float(pooled[rank - 1])
-  return dataclasses.replace(model, conformal_q=q, coverage=float(coverage))
-
-
-def fit_on_pairs(train: pd.DataFrame, val: pd.DataFrame, volume_method: str, seed: int = 0,
-                 progress=None) -> RegionalModel:
-  """Measures the pairs' volumes, fits on `train` and calibrates the intervals on `val`.
-
-  `train` and `val` are `cohort.make_pairs` tables (either may carry a progress bar through
-  `progress(done, total)` while their visits are measured).
-  """
-  def measured(pairs):
-    table = baselines.training_volume_table(pairs, volume_method, progress)
-    return table, [cohort.covariates_of(row) for row in pairs.to_dict('records')]
-  train_table, train_covs = measured(train)
-  model = fit(train_table, train_covs, volume_method, seed=seed)
-  if not len(val):
-    return model
-  return calibrate(model, *measured(val), extra_scores=out_of_fold_scores(
-      model, train_table, train_covs, seed=seed))

@@ -20,7 +20,8 @@ import pandas as pd
 from absl import logging
 
 from progression import (checkpoints, cohort, cohort_spec, covariates, input_pipeline, io,
-                         metric_writers, parallel, preprocess, regional_model, steps)
+                         metric_writers, parallel, preprocess, regional_intervals, regional_model,
+                         steps)
 from progression.evaluation import baselines
 from progression.errors import ProgressionError
 from progression.progress import ProgressBar
@@ -123,7 +124,7 @@ def fit_regional_model(config: ml_collections.ConfigDict, data: ExperimentData
                        ) -> regional_model.RegionalModel:
   """The regional progression model of the experiment: fitted on train, calibrated on val."""
   volume_method = baselines.volume_method_of(pd.concat([data.train, data.val]))
-  return regional_model.fit_on_pairs(data.train, data.val, volume_method, seed=config.seed,
+  return regional_intervals.fit_on_pairs(data.train, data.val, volume_method, seed=config.seed,
                                      progress=ProgressBar('regional model: visits measured'))
 
 

@@ -6,7 +6,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from progression import covariates, regional_model
+from progression import covariates, regional_intervals, regional_model
 from progression.errors import ProgressionError
 
 REGIONS = ('hippocampus', 'whole_brain', 'csf', 'lateral_ventricles')
@@ -67,9 +67,9 @@ def test_conformal_intervals_cover_new_pairs(pool_out_of_fold):
   model = regional_model.fit(train, train_covs, 'labels')
   extra = None
   if pool_out_of_fold:
-    extra = regional_model.out_of_fold_scores(model, train, train_covs)
+    extra = regional_intervals.out_of_fold_scores(model, train, train_covs)
     assert all(len(v) == len(train_covs) for v in extra.values())  # one per training pair
-  model = regional_model.calibrate(model, val, val_covs, coverage=0.9, extra_scores=extra)
+  model = regional_intervals.calibrate(model, val, val_covs, coverage=0.9, extra_scores=extra)
   test, test_covs = _cohort(150, seed=4, noise=0.01)
   hits = []
   for i, cov in enumerate(test_covs):
@@ -101,7 +101,7 @@ def test_bad_inputs():
 def test_a_region_most_label_maps_lack_is_left_out_not_the_pairs():
   table, covs = _cohort(30, seed=5)
   table.loc[table.region == 'csf', ['baseline_ml', 'followup_ml']] = 0.0
-  model = regional_model.calibrate(regional_model.fit(table, covs, 'labels'), table, covs)
+  model = regional_intervals.calibrate(regional_model.fit(table, covs, 'labels'), table, covs)
   assert 'csf' not in model.regions and 'hippocampus' in model.regions
   assert model.num_subjects == 30
   baseline = {'hippocampus': 6.0, 'whole_brain': 1100.0, 'csf': 0.0, 'lateral_ventricles': 30.0}

@@ -15,7 +15,7 @@ import numpy as np
 import pandas as pd
 from absl import logging
 
-from progression import checkpoints, cohort, forecast, io, regional_model, train
+from progression import checkpoints, cohort, forecast, io, regional_intervals, train
 from progression.progress import ProgressBar
 from progression.errors import ProgressionError
 from progression.evaluation import baselines, references, report
@@ -96,7 +96,7 @@ def evaluate_checkpoint(checkpoint: str | Path, out: str | Path, split: str = 't
   forecaster = forecast.Forecaster.from_checkpoint(checkpoint, step)
   regional = forecaster.regional
   if regional is None or regional.volume_method != volume_method:
-    regional = regional_model.fit_on_pairs(data.train, data.val, volume_method,
+    regional = regional_intervals.fit_on_pairs(data.train, data.val, volume_method,
                                            seed=config.seed)
   methods = [ForecasterMethod(forecaster, volume_method),
              baselines.RegionalModelBaseline(regional),
