@@ -1,5 +1,6 @@
 """Tests for progression.regional_model: known answers on constructed pairs."""
 
+import dataclasses
 import math
 
 import numpy as np
@@ -46,6 +47,31 @@ def test_recovers_a_known_linear_rate():
   assert predicted == pytest.approx(6.0 * math.exp(2.0 * truth), rel=5e-3)
   restored = regional_model.RegionalModel.from_dict(model.to_dict())
   assert restored.log_rates(cov, baseline) == model.log_rates(cov, baseline)
+
+
+def test_complete_covariates_use_the_fit_without_dropout_copies_when_it_validates_better():
+  """Exact rates: the dropout copies only blur them, so cross-validation leaves them out.
+
+  The fit with the copies is kept for forecasts that lack a covariate field.
+  """
+  table, covs = _cohort(60, seed=0)
+  model = regional_model.fit(table, covs, 'labels')
+  assert not model.augmented['hippocampus'] and 'hippocampus' in model.missing_coefficients
+  assert model.given_fields == ('diagnosis', 'age_years', 'sex', 'mmse')  # as in training
+  baseline = {'hippocampus': 6.0, 'whole_brain': 1100.0, 'csf': 300.0,
+              'lateral_ventricles': 30.0}
+  complete = covariates.Covariates(age_years=70.0, sex='F', diagnosis='MCI', mmse=24.0)
+  x = np.concatenate([[1.0], model.features(complete, baseline)])
+  truth = -0.01 - 0.004 * 6 + 0.02 * (math.log(6.0 / 1430.0) + 5.3)
+  with_copies = x @ np.asarray(model.missing_coefficients['hippocampus'])
+  assert model.log_rates(complete, baseline)['hippocampus'] == pytest.approx(
+      x @ np.asarray(model.coefficients['hippocampus']))
+  assert abs(model.log_rates(complete, baseline)['hippocampus'] - truth) < abs(
+      with_copies - truth)
+  no_age = dataclasses.replace(complete, age_years=None)
+  x = np.concatenate([[1.0], model.features(no_age, baseline)])
+  assert model.log_rates(no_age, baseline)['hippocampus'] == pytest.approx(
+      x @ np.asarray(model.missing_coefficients['hippocampus']))
 
 
 def test_missing_fields_are_learned_and_predicted():
@@ -141,7 +167,8 @@ def test_a_saved_model_with_other_features_predicts_with_its_own():
   names = [data['feature_names'][i] for i in kept] + ['logfrac_csf']
   data.update(feature_names=names, mean=[0.0] * len(names), scale=[1.0] * len(names),
               coefficients={r: [0.0] * len(names) + [1.0] for r in data['regions']})
-  del data['interaction_factor']
+  for newer in ('interaction_factor', 'augmented', 'missing_coefficients', 'given_fields'):
+    del data[newer]
   older = regional_model.RegionalModel.from_dict(data)
   assert older.anatomy_regions == ('hippocampus', 'lateral_ventricles', 'csf')
   baseline = {'hippocampus': 6.0, 'whole_brain': 1100.0, 'csf': 300.0,
