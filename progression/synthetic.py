@@ -155,7 +155,7 @@ def simulate_subject(plan: SubjectPlan, shape: tuple[int, int, int], voxel_mm: f
   scanner = np.random.default_rng(streams[1])
   sigma = NOISE_FRACTION * anat.gain * float(np.exp(scanner.normal(0.0, 0.1)))
   years = [v.years for v in plan.visits[1:]]
-  motions = [np.eye(4)] + [_rigid_motion(scanner, motion_mm) for _ in years]
+  motions = [np.eye(4)] + [rigid_motion(scanner, motion_mm) for _ in years]
   followups = atrophy_calibration.calibrate_followups(anat, world, voxel_mm, labels0, years,
                                                      plan.rates) if years else []
   visits = []
@@ -181,7 +181,7 @@ def simulate_subject(plan: SubjectPlan, shape: tuple[int, int, int], voxel_mm: f
   return visits
 
 
-def _rigid_motion(rng: np.random.Generator, motion_mm: float) -> np.ndarray:
+def rigid_motion(rng: np.random.Generator, motion_mm: float) -> np.ndarray:
   """A 4x4 rigid transform: rotations and translations uniform in +-motion_mm (deg, mm)."""
   if motion_mm <= 0:
     return np.eye(4)
@@ -277,12 +277,12 @@ def _make_subject(job: tuple) -> tuple[int, list[dict]]:
     row.update({f'{name}_annual_rate_pct': plan.rates[name] for name in RATE_REGIONS})
     row.update({f'{name}_expected_rate_pct': plan.expected_rates[name]
                 for name in RATE_REGIONS})
-    row.update(_motion_columns(result['motion']))
+    row.update(motion_columns(result['motion']))
     rows.append(row)
   return plan.index, rows
 
 
-def _motion_columns(transform: np.ndarray) -> dict[str, float]:
+def motion_columns(transform: np.ndarray) -> dict[str, float]:
   """The 4x4 follow-up -> baseline world transform as 12 columns motion_r<i><j>, motion_t<i>."""
   columns = {f'motion_r{i}{j}': float(transform[i, j]) for i in range(3) for j in range(3)}
   columns.update({f'motion_t{i}_mm': float(transform[i, 3]) for i in range(3)})

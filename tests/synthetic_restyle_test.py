@@ -2,6 +2,7 @@
 
 import nibabel as nib
 import numpy as np
+import pandas as pd
 import pytest
 
 from progression import cohort, io, labels, synthetic_restyle
@@ -42,3 +43,37 @@ def test_refuses_bad_arguments(synthetic_cohort, tmp_path):
   (tmp_path / 'full' / 'file').write_text('x')
   with pytest.raises(ProgressionError, match='not empty'):
     synthetic_restyle.restyle_cohort(synthetic_cohort, tmp_path / 'full')
+
+
+def test_header_motion_moves_follow_up_affines_and_is_recorded(synthetic_cohort, tmp_path):
+  out = synthetic_restyle.restyle_cohort(synthetic_cohort, tmp_path / 'moved', las_share=0.0,
+                                         parcellate=False, header_motion_mm=3.0, seed=1)
+  truth = pd.read_csv(out / 'ground_truth.tsv', sep='\t').set_index(['subject', 'session'])
+  before = cohort.read_visits(cohort.load_spec('synthetic'), synthetic_cohort)
+  after = cohort.read_visits(cohort.load_spec('synthetic'), out)
+  first = before.groupby('subject').session.transform('min')
+  moved = 0
+  for old, new, is_first in zip(before.itertuples(), after.itertuples(), before.session == first):
+    for old_path, new_path in ((old.image_path, new.image_path),
+                               (old.labels_path, new.labels_path)):
+      a, b = nib.load(old_path), nib.load(new_path)
+      np.testing.assert_array_equal(np.asanyarray(a.dataobj), np.asanyarray(b.dataobj))
+      if is_first:
+        np.testing.assert_array_equal(a.affine, b.affine)
+        continue
+      # The recorded follow-up -> baseline transform takes each voxel's new world position
+      # back to the one it had (the source has no motion).
+      row = truth.loc[(new.subject, new.session)]
+      t = np.eye(4)
+      t[:3, :3] = [[row[f'motion_r{i}{j}'] for j in range(3)] for i in range(3)]
+      t[:3, 3] = [row[f'motion_t{i}_mm'] for i in range(3)]
+      np.testing.assert_allclose(t @ b.affine, a.affine, atol=1e-4)
+      header_motion = b.affine @ np.linalg.inv(a.affine)
+      assert np.allclose(header_motion[:3, :3] @ header_motion[:3, :3].T, np.eye(3), atol=1e-5)
+      assert 0 < np.abs(header_motion[:3, 3]).max() <= 3.0 + 1e-6  # mm, in world space
+      angle = np.arccos(np.clip((np.trace(header_motion[:3, :3]) - 1) / 2, -1, 1))
+      assert 0 < angle <= np.deg2rad(3.0 * np.sqrt(3))  # three rotations of <= 3 degrees
+      moved += 1
+  assert moved == 2 * int((before.session != first).sum())
+  with pytest.raises(ProgressionError, match='header_motion_mm'):
+    synthetic_restyle.restyle_cohort(synthetic_cohort, tmp_path / 'x', header_motion_mm=-1.0)
