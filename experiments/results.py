@@ -22,10 +22,11 @@ _CURVE = flags.DEFINE_string('learning_curve', None,
 _CURVE_COMMAND = flags.DEFINE_string('learning_curve_command', '',
                                      'The command that produced the learning curve.')
 _ROBUSTNESS = flags.DEFINE_list(
-    'robustness', [], 'Two report folders, reference then changed (e.g. the same cohort without '
-    'and with head motion), compared region by region; optional.')
+    'robustness', [], 'Report folders, the reference then one or more changed runs (e.g. the '
+    'same cohort without and with head motion), each compared with the reference region by '
+    'region; optional.')
 _ROBUSTNESS_COMMAND = flags.DEFINE_string('robustness_command', '',
-                                          'The commands that produced the two reports.')
+                                          'The commands that produced the reports.')
 _OUT = flags.DEFINE_string('out', 'RESULTS.md', 'Markdown file to (re)write.')
 flags.mark_flag_as_required('report')
 

@@ -98,6 +98,25 @@ def curve_table(curve: pd.DataFrame) -> pd.DataFrame:
   return mae.round(4)
 
 
+def robustness_section(robustness: list[str], command: str = '') -> list[str]:
+  """Markdown lines: the reference report (`robustness[0]`) vs each changed one after it."""
+  lines = ['## Real-cohort conditions: the same run with and without them', '',
+           f'Reference `{robustness[0]}`; each changed run below is compared with it (test '
+           'split MAE, mL). A head moved by the simulator is rendered anew, with new noise, '
+           'so that cohort differs in its voxels and regional model too (the `expected` '
+           'reference shows how much the data alone move the errors); a head moved in its '
+           'header only keeps the voxels, so what changes is what registration and '
+           'resampling do. model / regional_model says whether the pipeline still delivers '
+           'its regional model\'s forecast.', '']
+  if command:
+    lines += ['```', command, '```', '']
+  for changed in robustness[1:]:
+    lines += [f'### `{changed}`', '',
+              figures.markdown_table(robustness_table(Path(robustness[0]), Path(changed))),
+              '']
+  return lines
+
+
 def render(report_dir: Path, workdir: Path | None, command: str,
            curve: Path | None = None, curve_command: str = '',
            robustness: list[str] | None = None, robustness_command: str = '') -> str:
@@ -134,13 +153,5 @@ def render(report_dir: Path, workdir: Path | None, command: str,
       lines += ['```', curve_command, '```', '']
     lines += [figures.markdown_table(curve_table(table)), '']
   if robustness:
-    lines += ['## Real-cohort conditions: the same run with and without them', '',
-              f'Reference `{robustness[0]}`, changed `{robustness[1]}` (test split MAE, mL). '
-              'Two cohorts made alike differ in their voxels (a moved head is rendered anew) '
-              'and so in their regional models; the `expected` reference shows how much the '
-              'data alone move the errors, and model / regional_model whether the pipeline '
-              'still delivers its regional model\'s forecast.', '']
-    if robustness_command:
-      lines += ['```', robustness_command, '```', '']
-    lines += [figures.markdown_table(robustness_table(*map(Path, robustness))), '']
+    lines += robustness_section(robustness, robustness_command)
   return '\n'.join(lines) + '\n'

@@ -45,3 +45,17 @@ def test_robustness_table_gives_the_ratio_of_model_errors(tmp_path):
   assert row['model reference'] == 0.04 and row['population_rate changed'] == 0.05
   assert row['model / regional_model reference'] == 1.0
   assert row['model / regional_model changed'] == 1.2
+
+
+def test_robustness_section_compares_every_changed_run_with_the_reference(tmp_path):
+  mae = {(m, 'hippocampus'): v for m, v in (('model', 1.0), ('regional_model', 1.0),
+                                            ('population_rate', 1.2))}
+  reference = _write(tmp_path / 'reference', mae)
+  moved = _write(tmp_path / 'moved', {k: v * 1.1 for k, v in mae.items()})
+  header = _write(tmp_path / 'header', mae)
+  text = '\n'.join(results.robustness_section([str(reference), str(moved), str(header)],
+                                              'python -m experiments.train ...'))
+  assert 'python -m experiments.train ...' in text
+  sections = text.split('### ')[1:]
+  assert [s.splitlines()[0] for s in sections] == [f'`{moved}`', f'`{header}`']
+  assert '| 1.1 |' in sections[0] and '| 1.1 |' not in sections[1]  # model changed / ref
