@@ -356,11 +356,16 @@ def fit(table: pd.DataFrame, pair_covariates: Sequence[covariates.Covariates],
                        scale=tuple(float(s) for s in scale), coefficients=coefficients,
                        penalty=penalty, interaction_factor=factor, augmented=augmented,
                        missing_coefficients=missing_coefficients,
-                       given_fields=tuple(f for f in _fields_used()
-                                          if np.mean([getattr(c, f) is None for c in covs]) < 0.5),
+                       given_fields=_given_fields(covs),
                        sigma_rate=sigma_rate, sigma_meas=sigma_meas,
                        conformal_q={r: _Z90 for r in regions}, coverage=DEFAULT_COVERAGE,
                        num_subjects=int(pairs['subject'].nunique()))
+
+
+def _given_fields(covs: Sequence[covariates.Covariates]) -> tuple[str, ...]:
+  """The covariate fields given in at least half of `covs`."""
+  return tuple(f for f in _fields_used()
+               if np.mean([getattr(c, f) is None for c in covs]) < 0.5)
 
 
 def subject_folds(subjects: np.ndarray, rng: np.random.Generator) -> np.ndarray:
@@ -411,13 +416,14 @@ def _cross_validated_options(design: np.ndarray, y: np.ndarray, weights: np.ndar
   """Per `AUGMENTATION_CHOICES` option, its best (penalty, interaction factor, CV error).
 
   The grid is `PENALTIES` x `INTERACTION_FACTORS` x (with / without the augmented copies,
-  rows from `num_original` on). Folds hold whole subjects (`fold`, one id per row, augmented
+  the rows after the first `num_original`). Folds hold whole subjects (`fold`, one id per row, augmented
   copies with their subject), so no subject informs its own prediction; errors are weighted
   squared errors of the held-out original (unmasked) rows. A fold's penalty is scaled by its
   share of the rows, so it weighs against the data as the full fit's does.
   """
   original = np.arange(len(y)) < num_original
-  grid = [(p, f, a) for a in AUGMENTATION_CHOICES for p in PENALTIES for f in INTERACTION_FACTORS]
+  grid = [(p, f, a) for a in AUGMENTATION_CHOICES for p in PENALTIES
+          for f in INTERACTION_FACTORS]
   errors = np.zeros(len(grid))
   for k in np.unique(fold):
     held = (fold == k) & original
