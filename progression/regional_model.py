@@ -416,10 +416,11 @@ def _cross_validated_options(design: np.ndarray, y: np.ndarray, weights: np.ndar
   """Per `AUGMENTATION_CHOICES` option, its best (penalty, interaction factor, CV error).
 
   The grid is `PENALTIES` x `INTERACTION_FACTORS` x (with / without the augmented copies,
-  the rows after the first `num_original`). Folds hold whole subjects (`fold`, one id per row, augmented
-  copies with their subject), so no subject informs its own prediction; errors are weighted
-  squared errors of the held-out original (unmasked) rows. A fold's penalty is scaled by its
-  share of the rows, so it weighs against the data as the full fit's does.
+  the rows after the first `num_original`). Folds hold whole subjects (`fold`, one id per
+  row, augmented copies with their subject), so no subject informs its own prediction;
+  errors are weighted squared errors of the held-out original (unmasked) rows. A fold's
+  penalty is scaled by its share of the rows, so it weighs against the data as the full
+  fit's does.
   """
   original = np.arange(len(y)) < num_original
   grid = [(p, f, a) for a in AUGMENTATION_CHOICES for p in PENALTIES
