@@ -22,7 +22,10 @@ from progression.evaluation import baselines
 def conformity_scores(model: regional_model.RegionalModel, table: pd.DataFrame,
                       pair_covariates: Sequence[covariates.Covariates]
                       ) -> dict[str, list[float]]:
-  """Per region, |log(V1 / V0) - t y_hat| / s(t) of each valid pair (`regional_model.fit`'s table layout)."""
+  """Per region, |log(V1 / V0) - t y_hat| / s(t) of each valid pair.
+
+  `table` and `pair_covariates` are laid out as for `regional_model.fit`.
+  """
   pairs = regional_model.pairs_wide(table, model.regions)
   scores: dict[str, list[float]] = {r: [] for r in model.regions}
   for _, row in pairs.iterrows():
@@ -38,14 +41,14 @@ def out_of_fold_scores(model: regional_model.RegionalModel, table: pd.DataFrame,
                        ) -> dict[str, list[float]]:
   """Conformity scores of the training pairs, each from a refit without its subject's fold.
 
-  `regional_model.CV_FOLDS` subject-grouped folds; each refit predicts its held-out pairs with the full
-  model's spread. Pooled with the validation scores (`calibrate`), they make q rest on every
+  `regional_model.CV_FOLDS` subject-grouped folds; each refit predicts its held-out pairs
+  with the full model's spread. Pooled with the validation scores (`calibrate`), they make q rest on every
   subject, not on the validation split's few dozen (the CV+ idea; the refits see 1/CV_FOLDS
   fewer subjects, so their scores, and q, lean slightly conservative).
   """
   per_pair = len(pd.unique(table['region']))
   fold = regional_model.subject_folds(table['subject'].to_numpy()[::per_pair],
-                        np.random.default_rng([seed, 1]))
+                                      np.random.default_rng([seed, 1]))
   part = lambda keep: (table[np.repeat(keep, per_pair)].reset_index(drop=True),
                        [c for c, kept in zip(pair_covariates, keep) if kept])
   scores: dict[str, list[float]] = {r: [] for r in model.regions}
@@ -67,7 +70,7 @@ def calibrate(model: regional_model.RegionalModel, table: pd.DataFrame,
               coverage: float = regional_model.DEFAULT_COVERAGE,
               extra_scores: Mapping[str, Sequence[float]] | None = None
               ) -> regional_model.RegionalModel:
-  """Split-conformal q per region on validation pairs (`regional_model.fit`'s table and covariate layout).
+  """Split-conformal q per region on validation pairs (laid out as for `regional_model.fit`).
 
   The score of a pair is |log(V1 / V0) - t y_hat| / s(t); q is the ceil((n + 1) coverage)-th
   smallest of the n scores (the largest when n is too small), which covers a new

@@ -278,7 +278,8 @@ def test_anchored_forecast_reproduces_the_regional_model_on_the_input_grid(forec
   on this 8 mm test grid a hippocampus is one or two model voxels, and the regional model of
   the test cohort's few subjects predicts cortex, white matter and whole brain that do not
   add up (here whole brain misses by 4 % at 3 years, the hippocampus by 3 %; the standard
-  experiment: within 0.05 % for the hippocampus, 0.13 % for whole brain). (Not the amygdalae: they cover no model voxel here, so the prior cannot act.)"""
+  experiment: within 0.05 % for the hippocampus, 0.13 % for whole brain). (Not the amygdalae:
+  they cover no model voxel here, so the prior cannot act.)"""
   from progression import train
   image_path, labels_path = baseline_files
   prior_only = forecast.Forecaster(forecaster.config, train.zero_residual(forecaster._params),
