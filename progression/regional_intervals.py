@@ -42,9 +42,9 @@ def out_of_fold_scores(model: regional_model.RegionalModel, table: pd.DataFrame,
   """Conformity scores of the training pairs, each from a refit without its subject's fold.
 
   `regional_model.CV_FOLDS` subject-grouped folds; each refit predicts its held-out pairs
-  with the full model's spread. Pooled with the validation scores (`calibrate`), they make q rest on every
-  subject, not on the validation split's few dozen (the CV+ idea; the refits see 1/CV_FOLDS
-  fewer subjects, so their scores, and q, lean slightly conservative).
+  with the full model's spread. Pooled with the validation scores (`calibrate`), they make q
+  rest on every subject, not on the validation split's few dozen (the CV+ idea; the refits
+  see 1/CV_FOLDS fewer subjects, so their scores, and q, lean slightly conservative).
   """
   per_pair = len(pd.unique(table['region']))
   fold = regional_model.subject_folds(table['subject'].to_numpy()[::per_pair],
