@@ -35,7 +35,7 @@ import math
 import os
 import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import numpy as np
@@ -287,6 +287,14 @@ def motion_columns(transform: np.ndarray) -> dict[str, float]:
   columns = {f'motion_r{i}{j}': float(transform[i, j]) for i in range(3) for j in range(3)}
   columns.update({f'motion_t{i}_mm': float(transform[i, 3]) for i in range(3)})
   return columns
+
+
+def motion_from_columns(row: Mapping[str, float]) -> np.ndarray:
+  """The 4x4 transform of a ground-truth row's `motion_columns` (their inverse)."""
+  transform = np.eye(4)
+  transform[:3, :3] = [[row[f'motion_r{i}{j}'] for j in range(3)] for i in range(3)]
+  transform[:3, 3] = [row[f'motion_t{i}_mm'] for i in range(3)]
+  return transform
 
 
 def _write_tables(root: Path, plans: list[SubjectPlan], rows: list[dict], params: dict) -> None:

@@ -150,9 +150,7 @@ def _record_motion(ground_truth: Path, motion: dict[tuple[str, str], np.ndarray]
     transform = motion.get((row['subject'], row['session']))
     if transform is None:
       continue
-    before = np.eye(4)
-    before[:3, :3] = [[row[f'motion_r{a}{b}'] for b in range(3)] for a in range(3)]
-    before[:3, 3] = [row[f'motion_t{a}_mm'] for a in range(3)]
+    before = synthetic.motion_from_columns(row)
     for name, value in synthetic.motion_columns(before @ np.linalg.inv(transform)).items():
       table.loc[i, name] = value
   table.to_csv(ground_truth, sep='\t', index=False, float_format='%.6f')

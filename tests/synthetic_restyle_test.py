@@ -5,7 +5,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from progression import cohort, io, labels, synthetic_restyle
+from progression import cohort, io, labels, synthetic, synthetic_restyle
 from progression.errors import ProgressionError
 from progression.evaluation import volumes
 
@@ -64,9 +64,7 @@ def test_header_motion_moves_follow_up_affines_and_is_recorded(synthetic_cohort,
       # The recorded follow-up -> baseline transform takes each voxel's new world position
       # back to the one it had (the source has no motion).
       row = truth.loc[(new.subject, new.session)]
-      t = np.eye(4)
-      t[:3, :3] = [[row[f'motion_r{i}{j}'] for j in range(3)] for i in range(3)]
-      t[:3, 3] = [row[f'motion_t{i}_mm'] for i in range(3)]
+      t = synthetic.motion_from_columns(row)
       np.testing.assert_allclose(t @ b.affine, a.affine, atol=1e-4)
       header_motion = b.affine @ np.linalg.inv(a.affine)
       assert np.allclose(header_motion[:3, :3] @ header_motion[:3, :3].T, np.eye(3), atol=1e-5)

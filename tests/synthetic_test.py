@@ -276,6 +276,8 @@ def test_rigid_motion_between_visits_is_recorded():
   transform = moved[1]['motion']
   assert np.allclose(still[1]['motion'], np.eye(4)) and not np.allclose(transform, np.eye(4))
   assert np.abs(transform[:3, 3]).max() <= 3.0
+  np.testing.assert_allclose(  # The ground truth's columns give the transform back.
+      synthetic.motion_from_columns(synthetic.motion_columns(transform)), transform)
   world = phantom.world_grid((32, 32, 32), 6.0)
 
   def centroid(labels):  # World mm of the brain's centre of mass.
