@@ -28,35 +28,35 @@ training subjects hippocampus 0.75 -> 0.73, 0.74 -> 0.72, 0.74 -> 0.71, ventricl
 0.80 -> 0.78, 0.77 -> 0.73, 0.80 -> 0.76; cohort200 hippocampus 0.80 -> 0.76, ventricles
 0.87 -> 0.83, whole brain 0.75 -> 0.72; level at 30 and on the demo cohort.
 
-Fitting (`fit`) handles the pairs of one subject together: each pair's weight is
-1 / (sigma_rate^2 + 2 sigma_meas^2 / t^2) (short intervals measure a rate less precisely),
-divided by the subject's number of pairs, so every subject counts about once. The two
-variances come from the residuals of a first fit, regressing squared residuals on [1, 1/t^2].
-Training rows are augmented with copies whose covariate fields are randomly masked
-(`DROPOUT`), so the missing-value indicators are learned, not guessed. The ridge penalty of
-each region is chosen by subject-grouped cross-validation (`PENALTIES`, `CV_FOLDS`): with a
-few dozen subjects a strong penalty wins (on the demo cohort, 36 training subjects, it cut
-the hippocampal test error by 18 %), with hundreds the penalty hardly matters. The same
-cross-validation decides whether the masked copies enter the fit for complete covariates
-(`AUGMENTATION_CHOICES`): they shrink the coefficients like a penalty the ridge cannot undo,
-which helps a few dozen subjects with noisy rates but costs accuracy where the covariates
-explain much of the rate; a region fitted without them keeps a fit with them for forecasts
-that lack a field training had (`missing_coefficients`). Hippocampal MAE relative to the
-population rate, always with the copies -> chosen: 36 training subjects of the realistic
-e2e cohort 0.84 -> 0.82 (8 splits), and 0.81 -> 0.76 with each pair's deviation from the
-simulator's expected rate shrunk to 40 % (a cohort where the covariates say more, as a
-9-feature ridge suggests of the held-out real-anatomy one; ventricles 0.80 -> 0.78, whole
-brain 0.81 -> 0.74); cohort400 at 54 / 120 training subjects 0.73 -> 0.73, 0.72 -> 0.72,
-cohort200 0.76 -> 0.75; worse at 30 (0.77 -> 0.81), where the choice is noisiest. Leaving
-the penalties below 10 out of the grid (`PENALTIES`) makes that choice less noisy; with it
-(hippocampus, ventricles, whole brain / population, before -> after): cohort400 at 30
-0.81, 0.83, 0.78 -> 0.79, 0.83, 0.78, at 54, 120 and 240 level (0.72, 0.74, 0.69 at 240),
-cohort200 0.75, 0.82, 0.72 -> 0.74, 0.82, 0.72, e2e unmoved 0.82, 0.85, 0.82 -> 0.81, 0.85,
-0.81, moved 0.84, 0.85, 0.89 -> 0.84, 0.85, 0.84, the demo cohort level (0.96, 1.02, 0.94);
-with deviations shrunk to 40 %, e2e unmoved 0.76, 0.78, 0.74 -> 0.72, 0.74, 0.71 and moved
-0.74, 0.77, 0.77 -> 0.74, 0.73, 0.73, where the 9-feature ridge (alpha 10) reaches 0.72,
-0.78, 0.72 and 0.74, 0.77, 0.74. (Decades only, 10 / 100 / 1000, were 1-2 % better still on
-the e2e and demo cohorts but as much worse on cohort200 and cohort400 at 54.)
+Fitting (`fit`; the solver is `progression.regional_ridge`) handles the pairs of one subject
+together: each pair's weight is 1 / (sigma_rate^2 + 2 sigma_meas^2 / t^2) (short intervals
+measure a rate less precisely), divided by the subject's number of pairs, so every subject
+counts about once. The two variances come from the residuals of a first fit, regressing
+squared residuals on [1, 1/t^2]. Training rows are augmented with copies whose covariate
+fields are randomly masked (`DROPOUT`), so the missing-value indicators are learned, not
+guessed. The ridge penalty of each region is chosen by subject-grouped cross-validation
+(`PENALTIES`, `CV_FOLDS`): with a few dozen subjects a strong penalty wins (on the demo
+cohort, 36 training subjects, it cut the hippocampal test error by 18 %), with hundreds the
+penalty hardly matters. The same cross-validation decides whether the masked copies enter the
+fit for complete covariates (`AUGMENTATION_CHOICES`): they shrink the coefficients like a
+penalty the ridge cannot undo, which helps a few dozen subjects with noisy rates but costs
+accuracy where the covariates explain much of the rate; a region fitted without them keeps a
+fit with them for forecasts that lack a field training had (`missing_coefficients`).
+Hippocampal MAE relative to the population rate, always with the copies -> chosen: 36
+training subjects of the realistic e2e cohort 0.84 -> 0.82 (8 splits), and 0.81 -> 0.76 with
+each pair's deviation from the simulator's expected rate shrunk to 40 % (a cohort where the
+covariates say more, as a 9-feature ridge suggests of the held-out real-anatomy one;
+ventricles 0.80 -> 0.78, whole brain 0.81 -> 0.74); cohort400 at 54 / 120 training subjects
+0.73 -> 0.73, 0.72 -> 0.72, cohort200 0.76 -> 0.75; worse at 30 (0.77 -> 0.81), where the
+choice is noisiest. Leaving the penalties below 10 out of the grid (`PENALTIES`) makes that
+choice less noisy; with it (hippocampus, ventricles, whole brain / population, before ->
+after): cohort400 at 30 0.81, 0.83, 0.78 -> 0.79, 0.83, 0.78, at 54, 120 and 240 level (0.72,
+0.74, 0.69 at 240), cohort200 0.75, 0.82, 0.72 -> 0.74, 0.82, 0.72, e2e unmoved 0.82, 0.85,
+0.82 -> 0.81, 0.85, 0.81, moved 0.84, 0.85, 0.89 -> 0.84, 0.85, 0.84, the demo cohort level
+(0.96, 1.02, 0.94); with deviations shrunk to 40 %, e2e unmoved 0.76, 0.78, 0.74 -> 0.72,
+0.74, 0.71 and moved 0.74, 0.77, 0.77 -> 0.74, 0.73, 0.73, where the 9-feature ridge (alpha
+10) reaches 0.72, 0.78, 0.72 and 0.74, 0.77, 0.74. (Decades only, 10 / 100 / 1000, were 1-2 %
+better still on the e2e and demo cohorts but as much worse on cohort200 and cohort400 at 54.)
 
 Prediction: V1 = V0 exp(t y_hat); its predictive spread on the log scale is
 s(t) = sqrt(t^2 sigma_rate^2 + 2 sigma_meas^2), and the interval V0 exp(t y_hat +- q s(t))
@@ -73,7 +73,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from progression import covariates
+from progression import covariates, regional_ridge
 from progression.errors import ProgressionError
 
 HEAD_REGIONS = {'labels': ('whole_brain', 'csf', 'lateral_ventricles'),
@@ -336,19 +336,19 @@ def fit(table: pd.DataFrame, pair_covariates: Sequence[covariates.Covariates],
   augmented, missing_coefficients = {}, {}
   for region in regions:
     y = np.tile(pairs[f'y_{region}'].to_numpy(), 1 + AUGMENT_COPIES)
-    options = _cross_validated_options(design, y, share * years ** 2, fold, len(pairs),
-                                       interacting)
+    options = regional_ridge.cross_validated_options(
+        design, y, share * years ** 2, fold, len(pairs), interacting, _cv_grid())
     augmented[region] = min(options, key=lambda a: options[a][2])
     penalty[region], factor[region], _ = options[augmented[region]]
     rows = slice(None) if augmented[region] else slice(0, len(pairs))
-    beta, rate_var, meas_var = _two_step_ridge(
+    beta, rate_var, meas_var = regional_ridge.two_step_ridge(
         design[rows], y[rows], share[rows], years[rows],
-        _penalty_vector(penalty[region], factor[region], interacting), len(pairs))
+        regional_ridge.penalty_vector(penalty[region], factor[region], interacting), len(pairs))
     coefficients[region] = tuple(float(b) for b in beta)
     sigma_rate[region], sigma_meas[region] = math.sqrt(rate_var), math.sqrt(meas_var)
     if not augmented[region]:
-      penalties = _penalty_vector(*options[True][:2], interacting)
-      fallback = _two_step_ridge(design, y, share, years, penalties, len(pairs))[0]
+      penalties = regional_ridge.penalty_vector(*options[True][:2], interacting)
+      fallback = regional_ridge.two_step_ridge(design, y, share, years, penalties, len(pairs))[0]
       missing_coefficients[region] = tuple(float(b) for b in fallback)
   names = (COVARIATE_FEATURES + tuple(f'{f}_missing' for f in _fields_used())
            + tuple(f'{_ANATOMY_PREFIX}{r}' for r in anatomy) + _interaction_names())
@@ -375,90 +375,14 @@ def subject_folds(subjects: np.ndarray, rng: np.random.Generator) -> np.ndarray:
   return rng.permutation(codes.max() + 1)[codes] % CV_FOLDS
 
 
+def _cv_grid() -> list[tuple[float, float, bool]]:
+  """(penalty, interaction factor, augmented) settings that cross-validation compares."""
+  return [(p, f, a) for a in AUGMENTATION_CHOICES for p in PENALTIES
+          for f in INTERACTION_FACTORS]
+
+
 def _interaction_names() -> tuple[str, ...]:
   return tuple(f'{d}{_INTERACTION_MARK}{c}' for d in _INTERACTING for c in INTERACTIONS)
-
-
-def _penalty_vector(penalty: float, factor: float, interacting: np.ndarray) -> np.ndarray:
-  """Per design column: 0 for the intercept, `penalty` x (`factor` for interactions, else 1)."""
-  penalties = penalty * np.where(interacting, factor, 1.0)
-  penalties[0] = 0.0
-  return penalties
-
-
-def _ridge(design: np.ndarray, y: np.ndarray, weights: np.ndarray, penalties: np.ndarray
-           ) -> np.ndarray:
-  """Weighted ridge solution with a penalty per column; weights normalised to mean 1."""
-  w = weights / weights.mean()
-  gram = design.T @ (design * w[:, None])
-  return np.linalg.solve(gram + np.diag(penalties), design.T @ (w * y))
-
-
-def _two_step_ridge(design: np.ndarray, y: np.ndarray, share: np.ndarray, years: np.ndarray,
-                    penalties: np.ndarray, num_original: int
-                    ) -> tuple[np.ndarray, float, float]:
-  """Coefficients, rate variance and measurement variance of one region's weighted fit.
-
-  First weighted by share x t^2 (a rate over t years is t times as precise), then by share /
-  (sigma_rate^2 + 2 sigma_meas^2 / t^2) with the variance components of the first fit's
-  residuals on the original rows (the first `num_original`), which are then re-estimated.
-  """
-  beta = _ridge(design, y, share * years ** 2, penalties)
-  original_years = years[:num_original]
-  rate_var, meas_var = _variance_components((y - design @ beta)[:num_original], original_years)
-  beta = _ridge(design, y, share / (rate_var + 2.0 * meas_var / years ** 2), penalties)
-  rate_var, meas_var = _variance_components((y - design @ beta)[:num_original], original_years)
-  return beta, rate_var, meas_var
-
-
-def _cross_validated_options(design: np.ndarray, y: np.ndarray, weights: np.ndarray,
-                             fold: np.ndarray, num_original: int, interacting: np.ndarray
-                             ) -> dict[bool, tuple[float, float, float]]:
-  """Per `AUGMENTATION_CHOICES` option, its best (penalty, interaction factor, CV error).
-
-  The grid is `PENALTIES` x `INTERACTION_FACTORS` x (with / without the augmented copies,
-  the rows after the first `num_original`). Folds hold whole subjects (`fold`, one id per
-  row, augmented copies with their subject), so no subject informs its own prediction;
-  errors are weighted squared errors of the held-out original (unmasked) rows. A fold's
-  penalty is scaled by its share of the rows, so it weighs against the data as the full
-  fit's does.
-  """
-  original = np.arange(len(y)) < num_original
-  grid = [(p, f, a) for a in AUGMENTATION_CHOICES for p in PENALTIES
-          for f in INTERACTION_FACTORS]
-  errors = np.zeros(len(grid))
-  for k in np.unique(fold):
-    held = (fold == k) & original
-    if not held.any():
-      continue
-    for i, (penalty, factor, augment) in enumerate(grid):
-      train = (fold != k) & (original | augment)
-      if not train.any():
-        continue
-      used = len(y) if augment else num_original
-      penalties = _penalty_vector(penalty * train.sum() / used, factor, interacting)
-      beta = _ridge(design[train], y[train], weights[train], penalties)
-      errors[i] += np.sum(weights[held] * (y[held] - design[held] @ beta) ** 2)
-  best = {}
-  for (penalty, factor, augment), error in zip(grid, errors):
-    if augment not in best or error < best[augment][2]:
-      best[augment] = (penalty, factor, float(error))
-  return best
-
-
-def _variance_components(residual: np.ndarray, years: np.ndarray) -> tuple[float, float]:
-  """(rate variance 1/year^2, one-visit log-volume variance) from annual-rate residuals.
-
-  E[residual^2] = sigma_rate^2 + 2 sigma_meas^2 / t^2: least squares on [1, 2/t^2], each
-  component floored at a small positive value.
-  """
-  basis = np.stack([np.ones_like(years), 2.0 / years ** 2], axis=1)
-  if len(np.unique(np.round(years, 6))) > 1:
-    solution = np.linalg.lstsq(basis, residual ** 2, rcond=None)[0]
-  else:
-    solution = np.array([np.mean(residual ** 2), 0.0])
-  floor = 1e-10 + 1e-3 * float(np.mean(residual ** 2))
-  return float(max(solution[0], floor)), float(max(solution[1], 1e-12))
 
 
 def pairs_wide(table: pd.DataFrame, regions: Sequence[str] | None = None) -> pd.DataFrame:

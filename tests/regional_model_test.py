@@ -7,7 +7,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from progression import covariates, regional_intervals, regional_model
+from progression import covariates, regional_intervals, regional_model, regional_ridge
 from progression.errors import ProgressionError
 
 REGIONS = ('hippocampus', 'whole_brain', 'csf', 'lateral_ventricles')
@@ -133,7 +133,7 @@ def test_variance_components_against_a_constructed_case():
   rng = np.random.default_rng(0)
   residual = (rng.normal(0, 0.01, years.size)
               + (rng.normal(0, 0.02, years.size) - rng.normal(0, 0.02, years.size)) / years)
-  rate_var, meas_var = regional_model._variance_components(residual, years)
+  rate_var, meas_var = regional_ridge.variance_components(residual, years)
   assert math.sqrt(rate_var) == pytest.approx(0.01, rel=0.25)
   assert math.sqrt(meas_var) == pytest.approx(0.02, rel=0.1)
 
