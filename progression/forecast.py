@@ -22,10 +22,12 @@ Outputs (`Forecast`) are on the *input's* grid and affine, in the file's own vox
   * `intervals_ml`: region -> (lower, upper) prediction interval (mL, 90 % by default) around
     `volumes_ml`, from the regional model's split-conformal spread, when the checkpoint has
     one and the baseline is measured the way it was fitted (labels or tissue).
-A generator anchored on the regional model (`config.model.prior`; `forecast_anchor`) needs
-the baseline label map to build its prior field when it was trained with label maps; without
-one the prior is off (the forecast is the network's residual alone, close to no change) and a
-warning says so. A checkpoint trained on a cohort without labels anchors on the tissue model.
+A generator anchored on the regional model (`config.model.prior`; `forecast_anchor`) builds
+its prior field on the baseline label map when it was trained with label maps; given none, the
+prior acts on the tissue model's brain, GM, WM and CSF with the regional model the checkpoint
+fitted on tissue volumes, and a warning says so (a checkpoint without that model forecasts
+with the network's residual alone, close to no change). A checkpoint trained on a cohort
+without labels anchors on the tissue model.
 The optional intensity-residual head of the generator is not applied: the forecast is the
 deformation of the input image.
 """
@@ -47,6 +49,7 @@ from progression import checkpoints, covariates, io, labels as labels_lib, prepr
 from progression import forecast_anchor, forecast_fields, regional_model, train
 from progression.errors import ProgressionError
 from progression.evaluation import baselines, tissue, volumes
+from progression.models import prior as prior_lib
 
 # Regions of the `evaluation.tissue` classes used without label maps (one definition, shared
 # with the evaluation's baselines so forecasts and measurements name the same regions).
@@ -109,10 +112,12 @@ class Forecaster:
   def __init__(self, config: ml_collections.ConfigDict, params: Any,
                normalizer: covariates.CovariateNormalizer,
                regional: regional_model.RegionalModel | None = None,
-               training_missing: Mapping[str, float] | None = None):
+               training_missing: Mapping[str, float] | None = None,
+               tissue_regional: regional_model.RegionalModel | None = None):
     """Args: `training_missing`: field -> share of training pairs missing it (checkpoint
     metadata); with no covariate dropout, a field never missing in training is warned about
-    when a forecast leaves it out (None: not known, no warning)."""
+    when a forecast leaves it out (None: not known, no warning). `tissue_regional`: a
+    label-anchored checkpoint's regional model of tissue volumes (baselines without labels)."""
     self.config = config
     dropout = float(config.get('augment', {}).get('covariate_dropout', 0.0))
     self._never_missing = frozenset(f for f, share in (training_missing or {}).items()
@@ -121,18 +126,21 @@ class Forecaster:
     self.grid = train.grid_from_config(config)
     self.normalizer = normalizer
     self.regional = regional
+    self.tissue_regional = tissue_regional
     self._params = params
     self.downsize = int(config.model.velocity_downsize)
     self.anchored = bool(config.model.prior)
     self.prior_source = train.prior_source(config)
     self._anchor = forecast_anchor.RegionalAnchor(regional, self.prior_source, self.grid,
-                                                  self.anchored)
+                                                  self.anchored, tissue_regional)
     model = train.create_model(config)
-    self._velocity_fn = jax.jit(lambda p, image, cov, years, classes, rates: model.apply(
-        {'params': p}, image, cov, years, *((classes, rates) if self.anchored else ()),
-        method=model.velocity).astype(jnp.float32))
-    self._prior_fn = jax.jit(lambda p, image, years, classes, rates: model.apply(
-        {'params': p}, image, years, classes, rates, method=model.prior).astype(jnp.float32))
+    self._residual_fn = jax.jit(lambda p, image, cov, rates: model.apply(
+        {'params': p}, image, cov, rates if self.anchored else None,
+        method=model.residual).astype(jnp.float32))
+    self._prior_fn = jax.jit(
+        lambda years, classes, rates, regions: prior_lib.prior_velocity(
+            classes, rates, years, regions, self.downsize,
+            num_squarings=int(config.model.num_squarings)), static_argnums=3)
     self._fields_fn = jax.jit(forecast_fields.fields_on_input, static_argnums=3)
     self._warp_fn = jax.jit(forecast_fields.warp_input)
 
@@ -164,9 +172,9 @@ class Forecaster:
     params = state.params
     if not metadata.get('residual', {}).get('enabled', True):  # It did not beat the prior.
       params = train.zero_residual(params)
-    return cls(config, params, normalizer,
-               None if regional is None else regional_model.RegionalModel.from_dict(regional),
-               metadata.get('training_missing'))
+    as_model = lambda d: None if d is None else regional_model.RegionalModel.from_dict(d)
+    return cls(config, params, normalizer, as_model(regional), metadata.get('training_missing'),
+               as_model(metadata.get('tissue_regional_model')))
 
   def prepare(self, baseline: ImageLike, labels: ImageLike | None = None) -> Subject:
     """Loads and checks a baseline (and its labels on the same grid); puts it on the model grid.
@@ -207,18 +215,28 @@ class Forecaster:
                 rate_correction: np.ndarray | None = None, prior_only: bool = False
                 ) -> np.ndarray:
     """`velocity`, with `rate_correction` (1/year) added to the prior's rates; `prior_only`:
-    the prior field alone (the residual zeroed), without running the network."""
-    classes, rates = self._anchor.inputs(subject, cov)
+    the prior field alone (the residual zeroed), without running the network.
+
+    The network sees the prior's rates, or zeros when the prior acts on other regions than
+    training's (the tissue-model fallback of a label-anchored checkpoint).
+    """
+    inputs = self._anchor.inputs(subject, cov)
+    rates = inputs.rates
     if rate_correction is not None:
       rates = (rates + rate_correction).astype(np.float32)
-    image = jnp.asarray(subject.gridded.image)[None, ..., None]
-    inputs = (jnp.float32([years]), jnp.asarray(classes)[None], jnp.asarray(rates)[None])
+    prior = np.zeros(self.velocity_shape, np.float32)
+    if self.anchored:
+      prior = np.asarray(self._prior_fn(
+          jnp.float32([years]), jnp.asarray(inputs.classes)[None], jnp.asarray(rates)[None],
+          prior_lib.prior_regions(inputs.source))[0])
     if prior_only:
-      velocity = self._prior_fn(self._params, image, *inputs)
-    else:
-      encoded = jnp.asarray(covariates.encode(cov, self.normalizer))[None]
-      velocity = self._velocity_fn(self._params, image, encoded, *inputs)
-    return np.asarray(velocity[0])
+      return prior
+    if inputs.source != self.prior_source:
+      rates = np.zeros(len(prior_lib.prior_regions(self.prior_source).rate_regions), np.float32)
+    image = jnp.asarray(subject.gridded.image)[None, ..., None]
+    encoded = jnp.asarray(covariates.encode(cov, self.normalizer))[None]
+    residual = self._residual_fn(self._params, image, encoded, jnp.asarray(rates)[None])
+    return np.asarray(residual[0]) + prior
 
   def trajectory(self, subject: Subject, velocity: np.ndarray,
                  years: Sequence[float]) -> list[Forecast]:
@@ -241,7 +259,7 @@ class Forecaster:
       if self._anchor.corrects(subject, t):
         prior_only_ml = lambda c, t=t: self._volumes_at(
             subject, self._velocity(subject, cov, t, c, prior_only=True), t)
-        correction = self._anchor.rate_correction(self._anchor.inputs(subject, cov)[1], t,
+        correction = self._anchor.rate_correction(self._anchor.inputs(subject, cov), t,
                                                   baseline_ml, prior_only_ml)
       velocity = self._velocity(subject, cov, max(t, 1e-3), correction)
       forecast = self._horizon(subject, velocity, t, baseline_ml)

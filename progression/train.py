@@ -10,6 +10,7 @@ import functools
 import json
 import time
 from pathlib import Path
+from typing import Any, Mapping
 
 import jax
 import jax.numpy as jnp
@@ -128,11 +129,32 @@ def fit_regional_model(config: ml_collections.ConfigDict, data: ExperimentData
                                      progress=ProgressBar('regional model: visits measured'))
 
 
+def fit_tissue_fallback(config: ml_collections.ConfigDict, data: ExperimentData,
+                        saved: Mapping[str, Any] | None = None
+                        ) -> regional_model.RegionalModel | None:
+  """A label-anchored experiment's regional model of tissue-model volumes (brain, GM, WM, CSF).
+
+  It anchors forecasts of baselines given without a label map (`forecast_anchor`). None
+  unless `config.tissue_fallback` and the prior acts on label maps; taken from the
+  checkpoint's metadata `saved` when resuming (the tissue model measures ~1 visit/s at 2 mm).
+  """
+  if not (config.model.prior and prior_source(config) == 'labels'
+          and config.get('tissue_fallback', False)):
+    return None
+  if saved and saved.get('tissue_regional_model'):
+    return regional_model.RegionalModel.from_dict(saved['tissue_regional_model'])
+  return regional_intervals.fit_on_pairs(
+      data.train, data.val, 'tissue', seed=config.seed,
+      progress=ProgressBar('tissue-model fallback: visits measured'))
+
+
 def experiment_metadata(config: ml_collections.ConfigDict, data: ExperimentData,
-                        regional: regional_model.RegionalModel | None = None) -> dict:
+                        regional: regional_model.RegionalModel | None = None,
+                        tissue_regional: regional_model.RegionalModel | None = None) -> dict:
   """What a checkpoint must carry to resume or forecast without the training code's state."""
   return {
       'regional_model': None if regional is None else regional.to_dict(),
+      'tissue_regional_model': None if tissue_regional is None else tissue_regional.to_dict(),
       'config': json.loads(config.to_json()),
       'cohort': {'spec': config.cohort.spec, 'root': str(config.cohort.root)},
       'grid': {'shape': list(data.grid.shape), 'voxel_size_mm': list(data.grid.voxel_size_mm)},
@@ -193,6 +215,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path
   if config.model.prior:
     config = _updated(config, 'model', prior_source='labels' if has_labels else 'tissue')
   regional = fit_regional_model(config, data) if config.model.prior else None
+  checkpointer = checkpoints.Checkpointer(checkpoints.checkpoint_dir(workdir),
+                                          keep=config.keep_checkpoints)
+  resuming = checkpointer.latest_step() is not None
+  saved = checkpointer.restore_metadata() if resuming else None
+  if resuming:
+    check_resumable(saved, config, checkpointer.directory)
+  tissue_regional = fit_tissue_fallback(config, data, saved)
   make_dataset = lambda pairs: input_pipeline.PairDataset(
       pairs, data.grid, cache_dir, data.normalizer, regional,
       registration_spec=data.registration)
@@ -204,11 +233,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path
 
   rng = jax.random.PRNGKey(config.seed)
   state = create_train_state(config, rng)
-  checkpointer = checkpoints.Checkpointer(checkpoints.checkpoint_dir(workdir),
-                                          keep=config.keep_checkpoints)
-  metadata = experiment_metadata(config, data, regional)
-  if checkpointer.latest_step() is not None:
-    check_resumable(checkpointer.restore_metadata(), config, checkpointer.directory)
+  metadata = experiment_metadata(config, data, regional, tissue_regional)
+  if resuming:
     state, _ = checkpointer.restore(state)
     logging.info('resumed from %s at step %d', checkpointer.directory, int(state.step))
   start_step = int(state.step)

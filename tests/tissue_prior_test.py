@@ -69,3 +69,42 @@ def test_training_without_labels_anchors_on_the_tissue_model(unlabelled_workdir)
   got = result.volumes_ml['brain'] - result.baseline_volumes_ml['brain']
   assert change < 0
   assert got == pytest.approx(change, rel=0.1)
+
+
+def test_label_checkpoint_without_labels_anchors_on_its_tissue_model(trained_workdir,
+                                                                     synthetic_cohort, caplog):
+  """A baseline given without its label map: the prior acts on the tissue model's regions
+  with the checkpoint's tissue-volume regional model (warned), not on no prior at all."""
+  image_path = str(sorted(synthetic_cohort.glob('sub-001/ses-M000/anat/*_T1w.nii.gz'))[0])
+  forecaster = forecast.Forecaster.from_checkpoint(trained_workdir)
+  assert forecaster.prior_source == 'labels'
+  assert forecaster.tissue_regional.volume_method == 'tissue'
+  prior_only = forecast.Forecaster(forecaster.config, train.zero_residual(forecaster._params),
+                                   forecaster.normalizer, forecaster.regional,
+                                   tissue_regional=forecaster.tissue_regional)
+  cov = forecast.as_covariates({'age_years': 74.0, 'sex': 'F', 'diagnosis': 'AD', 'mmse': 22})
+  with caplog.at_level('WARNING'):
+    (result,) = prior_only.forecast(image_path, cov, [2.0])
+  assert any('tissue model' in r.getMessage() and 'without a baseline label map' in
+             r.getMessage() for r in caplog.records)
+  assert result.volume_method == 'tissue'
+  expected = forecaster.tissue_regional.predict_volumes_ml(cov, result.baseline_volumes_ml, 2.0)
+  brain_change = expected['brain'] - result.baseline_volumes_ml['brain']
+  assert brain_change < -0.005 * result.baseline_volumes_ml['brain']  # AD: atrophy
+  got = result.volumes_ml['brain'] - result.baseline_volumes_ml['brain']
+  assert got == pytest.approx(brain_change, rel=0.1)
+  # CSF, a sulcal rim of one or two voxels on this 8 mm test grid: the direction only.
+  csf_change = expected['csf'] - result.baseline_volumes_ml['csf']
+  assert (result.volumes_ml['csf'] - result.baseline_volumes_ml['csf']) * csf_change > 0
+  for region in ('brain', 'csf', 'gray_matter', 'white_matter'):
+    lower, upper = result.intervals_ml[region]
+    assert lower < result.volumes_ml[region] < upper, region
+
+  without_fallback = forecast.Forecaster(forecaster.config, prior_only._params,
+                                         forecaster.normalizer, forecaster.regional)
+  caplog.clear()
+  with caplog.at_level('WARNING'):
+    (result,) = without_fallback.forecast(image_path, cov, [2.0])
+  assert any('prior is off' in r.getMessage() for r in caplog.records)
+  assert result.volumes_ml['brain'] == pytest.approx(result.baseline_volumes_ml['brain'])
+  assert not result.intervals_ml

@@ -184,16 +184,23 @@ class ProgressionGenerator(nn.Module):
                                     self.prior_regions, self.downsize,
                                     num_squarings=self.num_squarings)
 
+  def residual(self, baseline: Array, covariates: Array,
+               prior_log_rates: Optional[Array] = None) -> Array:
+    """The network's part of `velocity` [B, X/f, Y/f, Z/f, 3] (voxels/year): all of it
+    unanchored; with a prior, the residual added to the prior field (the network sees the
+    rates `prior_log_rates` [B, K])."""
+    return self._velocity_head(self._trunk(baseline, covariates, prior_log_rates))
+
   def velocity(self, baseline: Array, covariates: Array, years: Optional[Array] = None,
                prior_classes: Optional[Array] = None,
                prior_log_rates: Optional[Array] = None) -> Array:
-    """Velocity [B, X/f, Y/f, Z/f, 3] in model-grid voxels per year.
+    """Velocity [B, X/f, Y/f, Z/f, 3] in model-grid voxels per year: `residual` + `prior`.
 
     Args: baseline [B, X, Y, Z, 1]; covariates [B, cond_dim] (encoded); with a prior also
     years [B] (the horizon the prior is solved for), prior_classes [B, X, Y, Z] and
     prior_log_rates [B, K].
     """
-    residual = self._velocity_head(self._trunk(baseline, covariates, prior_log_rates))
+    residual = self.residual(baseline, covariates, prior_log_rates)
     prior = self.prior(baseline, years if years is None else jnp.asarray(years, jnp.float32),
                         prior_classes, prior_log_rates)
     return residual if prior is None else residual + prior
