@@ -33,6 +33,10 @@ _SPLIT = flags.DEFINE_enum('split', 'test', cohort.SPLITS, 'Which split to evalu
 _OUT = flags.DEFINE_string('out', None, 'Report folder (absent or empty unless --overwrite).')
 _OVERWRITE = flags.DEFINE_bool('overwrite', False, 'Replace the report in a non-empty --out.')
 _EXAMPLES = flags.DEFINE_integer('examples', 2, 'Pairs shown as example slices.')
+_VOLUME_METHOD = flags.DEFINE_enum(
+    'volume_method', None, ['labels', 'tissue'],
+    'How volumes are measured (default: labels when every pair has label maps). "tissue" on a '
+    'labelled cohort evaluates T1w-only forecasts: brain, GM, WM and CSF of the tissue model.')
 flags.mark_flag_as_required('out')
 
 
@@ -45,7 +49,7 @@ def main(argv):
   outputs = evaluate_checkpoint(
       _WORKDIR.value or _CHECKPOINT.value, _OUT.value, split=_SPLIT.value,
       cohort_spec=_COHORT.value, cohort_root=_COHORT_ROOT.value, overwrite=_OVERWRITE.value,
-      step=_STEP.value, num_examples=_EXAMPLES.value)
+      step=_STEP.value, num_examples=_EXAMPLES.value, volume_method=_VOLUME_METHOD.value)
   print(f'report: {outputs.files["report.html"].absolute()}')
   print(figures.markdown_table(outputs.headline))
 

@@ -173,3 +173,28 @@ def test_a_short_training_learns_the_direction_of_change(cli_report):
     of_region = model[model.region == region]
     assert np.sign(of_region.predicted_change_ml.mean()) == np.sign(
         of_region.true_change_ml.mean()), region
+
+
+def test_tissue_volumes_evaluate_t1w_only_forecasts_of_a_labelled_cohort(
+    evaluate_module, trained_workdir, synthetic_cohort, tmp_path):
+  """--volume_method=tissue: every method on the tissue model's regions, the model without
+  label maps (its tissue-model fallback), the regional row the checkpoint's tissue model."""
+  outputs = evaluate_module.evaluate_checkpoint(trained_workdir, tmp_path / 'out',
+                                                cohort_root=synthetic_cohort,
+                                                volume_method='tissue', num_examples=0)
+  rows = pd.read_csv(outputs.files['pairs.csv'])
+  assert set(rows.region) == {'brain', 'csf', 'gray_matter', 'white_matter'}
+  assert set(rows.volume_method) == {'tissue'}
+  assert set(rows.method) == {'model', 'regional_model', 'population_rate', 'no_change'}
+  saved = json.loads((tmp_path / 'out' / 'regional_model.json').read_text())
+  assert saved['volume_method'] == 'tissue'
+  # The model anchors on that regional model: brain changes in the same direction.
+  brain = rows[rows.region == 'brain'].set_index(['subject', 'baseline_session',
+                                                  'followup_session'])
+  model = brain[brain.method == 'model'].predicted_change_ml
+  regional = brain[brain.method == 'regional_model'].predicted_change_ml.loc[model.index]
+  assert (np.sign(model.to_numpy()) == np.sign(regional.to_numpy())).all()
+  assert (model.abs() > 0).all()
+  with pytest.raises(ProgressionError, match="volume method 'atlas'"):
+    evaluate_module.evaluate_checkpoint(trained_workdir, tmp_path / 'bad',
+                                        cohort_root=synthetic_cohort, volume_method='atlas')

@@ -70,8 +70,14 @@ def checkpoint_config(checkpoint: str | Path, step: int | None = None
 def evaluate_checkpoint(checkpoint: str | Path, out: str | Path, split: str = 'test',
                         cohort_spec: str | None = None, cohort_root: str | Path | None = None,
                         overwrite: bool = False, step: int | None = None,
-                        num_examples: int = 2) -> Outputs:
+                        num_examples: int = 2, volume_method: str | None = None) -> Outputs:
   """Evaluates the model of `checkpoint` and both baselines on `split`; writes the report.
+
+  `volume_method`: 'labels', 'tissue' or None (labels when every pair has label maps).
+  'tissue' on a labelled cohort evaluates what a user with T1w images alone gets: every
+  method forecasts and is measured on the tissue model's brain, GM, WM and CSF, the model
+  without the baseline label map (its tissue-model fallback), the regional model row with
+  the checkpoint's tissue-volume regional model.
 
   Raises:
     ProgressionError: non-empty `out` without `overwrite`, unknown split, empty split,
@@ -89,13 +95,20 @@ def evaluate_checkpoint(checkpoint: str | Path, out: str | Path, split: str = 't
   pairs = getattr(data, split)
   where = f'split {split!r} of cohort {config.cohort.spec!r} at {config.cohort.root}'
   pairs = report.check_pairs(pairs, where, data.registration)
-  volume_method = baselines.volume_method_of(pd.concat([data.train, pairs]))
+  available = baselines.volume_method_of(pd.concat([data.train, pairs]))
+  if volume_method is None:
+    volume_method = available
+  elif volume_method not in baselines.VOLUME_METHODS or (volume_method == 'labels'
+                                                        and available != 'labels'):
+    raise ProgressionError(f'{where}: volume method {volume_method!r} is not available (one '
+                           f'of {baselines.VOLUME_METHODS}; labels need every pair\'s maps)')
   rates = baselines.fit_population_rates(
       baselines.training_volume_table(data.train, volume_method,
                                       ProgressBar('training pairs measured')), volume_method)
   forecaster = forecast.Forecaster.from_checkpoint(checkpoint, step)
-  regional = forecaster.regional
-  if regional is None or regional.volume_method != volume_method:
+  regional = next((m for m in (forecaster.regional, forecaster.tissue_regional)
+                   if m is not None and m.volume_method == volume_method), None)
+  if regional is None:
     regional = regional_intervals.fit_on_pairs(data.train, data.val, volume_method,
                                            seed=config.seed)
   methods = [ForecasterMethod(forecaster, volume_method),
