@@ -22,7 +22,7 @@ from progression.evaluation import baselines, tissue, volumes
 from progression.models import prior as prior_lib
 
 if TYPE_CHECKING:
-  from progression.forecast import Subject
+  from progression.forecast_inputs import Subject
 
 RATE_CORRECTION_STEPS = 3  # Newton steps matching the prior's regional change on the input.
 
