@@ -27,6 +27,11 @@ _ROBUSTNESS = flags.DEFINE_list(
     'region; optional.')
 _ROBUSTNESS_COMMAND = flags.DEFINE_string('robustness_command', '',
                                           'The commands that produced the reports.')
+_T1W_ONLY = flags.DEFINE_string(
+    't1w_only', None, 'Report folder of `experiments.evaluate --volume_method=tissue` on the '
+    'same checkpoint (forecasts without label maps), optional.')
+_T1W_ONLY_COMMAND = flags.DEFINE_string('t1w_only_command', '',
+                                        'The command that produced the T1w-only report.')
 _OUT = flags.DEFINE_string('out', 'RESULTS.md', 'Markdown file to (re)write.')
 flags.mark_flag_as_required('report')
 
@@ -36,7 +41,8 @@ def main(argv):
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   text = render(Path(_REPORT.value), Path(_WORKDIR.value) if _WORKDIR.value else None,
                 _COMMAND.value, Path(_CURVE.value) if _CURVE.value else None,
-                _CURVE_COMMAND.value, _ROBUSTNESS.value, _ROBUSTNESS_COMMAND.value)
+                _CURVE_COMMAND.value, _ROBUSTNESS.value, _ROBUSTNESS_COMMAND.value,
+                Path(_T1W_ONLY.value) if _T1W_ONLY.value else None, _T1W_ONLY_COMMAND.value)
   out = Path(_OUT.value)  # Written beside, then renamed: never half-written.
   tmp = out.with_name(f'.{out.name}.tmp')
   tmp.write_text(text)

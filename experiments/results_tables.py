@@ -2,8 +2,8 @@
 
 Per headline region: MAE (mL) and mean |annualised-rate error| (%/year) of every method with
 their 95 % CIs, the subject-level paired comparison of the model with each baseline and
-reference (`comparisons.csv`), every region's MAE, the learning curve and a with/without
-comparison of two runs. It only reads the files; nothing is recomputed.
+reference (`comparisons.csv`), every region's MAE, the learning curve, the T1w-only
+(tissue-volume) evaluation and a with/without comparison of runs. It only reads the files; nothing is recomputed.
 """
 
 import json
@@ -62,7 +62,7 @@ def all_regions_table(summary: pd.DataFrame, comparisons: pd.DataFrame) -> pd.Da
       f'{versus.loc[r, "mean_diff"]:.4g} [{versus.loc[r, "ci95_low"]:.4g}, '
       f'{versus.loc[r, "ci95_high"]:.4g}] {versus.loc[r, "verdict"]}' if r in versus.index
       else '' for r in mae.index]
-  return mae.reset_index().round(4).fillna('')
+  return mae.reset_index().round(4).astype(object).fillna('')
 
 
 def robustness_table(reference_dir: Path, changed_dir: Path) -> pd.DataFrame:
@@ -83,7 +83,7 @@ def robustness_table(reference_dir: Path, changed_dir: Path) -> pd.DataFrame:
     for name in ('reference', 'changed'):
       table[f'model / regional_model {name}'] = (table[f'model {name}']
                                                  / table[f'regional_model {name}'])
-  return table.reset_index().round(4).fillna('')
+  return table.reset_index().round(4).astype(object).fillna('')
 
 
 def curve_table(curve: pd.DataFrame) -> pd.DataFrame:
@@ -117,9 +117,26 @@ def robustness_section(robustness: list[str], command: str = '') -> list[str]:
   return lines
 
 
+def t1w_only_section(report_dir: Path, command: str = '') -> list[str]:
+  """Markdown lines: a `--volume_method=tissue` report of a labelled cohort (every method on
+  the tissue model's regions, the model without label maps)."""
+  summary = pd.read_csv(report_dir / 'summary.csv')
+  comparisons = pd.read_csv(report_dir / 'comparisons.csv')
+  lines = ['## T1w only: the same checkpoint without label maps', '',
+           f'`{report_dir}`: what a user with T1w images alone gets. Every method forecasts '
+           'and is measured on the built-in tissue model\'s brain, grey matter, white matter '
+           'and CSF; the model anchors on the regional model of those volumes that training '
+           'also fitted (its tissue-model fallback), which is the regional_model row. Test '
+           'split MAE (mL); the last column is the subject-level paired difference.', '']
+  if command:
+    lines += ['```', command, '```', '']
+  return lines + [figures.markdown_table(all_regions_table(summary, comparisons)), '']
+
+
 def render(report_dir: Path, workdir: Path | None, command: str,
            curve: Path | None = None, curve_command: str = '',
-           robustness: list[str] | None = None, robustness_command: str = '') -> str:
+           robustness: list[str] | None = None, robustness_command: str = '',
+           t1w_only: Path | None = None, t1w_only_command: str = '') -> str:
   summary = pd.read_csv(report_dir / 'summary.csv')
   comparisons = pd.read_csv(report_dir / 'comparisons.csv')
   regions = report.HEADLINE_REGIONS['labels'] + ('amygdala',)
@@ -152,6 +169,8 @@ def render(report_dir: Path, workdir: Path | None, command: str,
     if curve_command:
       lines += ['```', curve_command, '```', '']
     lines += [figures.markdown_table(curve_table(table)), '']
+  if t1w_only is not None:
+    lines += t1w_only_section(t1w_only, t1w_only_command)
   if robustness:
     lines += robustness_section(robustness, robustness_command)
   return '\n'.join(lines) + '\n'

@@ -59,3 +59,17 @@ def test_robustness_section_compares_every_changed_run_with_the_reference(tmp_pa
   sections = text.split('### ')[1:]
   assert [s.splitlines()[0] for s in sections] == [f'`{moved}`', f'`{header}`']
   assert '| 1.1 |' in sections[0] and '| 1.1 |' not in sections[1]  # model changed / ref
+
+
+def test_t1w_only_section_tables_the_tissue_regions(tmp_path):
+  folder = _write(tmp_path / 'tissue', {('model', 'brain'): 5.0, ('regional_model', 'brain'): 5.0,
+                                        ('population_rate', 'brain'): 6.0,
+                                        ('model', 'csf'): 2.0, ('population_rate', 'csf'): 2.5})
+  pd.DataFrame([{'metric': 'abs_error_ml', 'method': 'model', 'versus': 'population_rate',
+                 'region': 'brain', 'mean_diff': -1.0, 'ci95_low': -1.6, 'ci95_high': -0.5,
+                 'verdict': 'better'}]).to_csv(folder / 'comparisons.csv', index=False)
+  text = '\n'.join(results.t1w_only_section(folder, 'python -m experiments.evaluate ...'))
+  assert text.startswith('## T1w only') and 'python -m experiments.evaluate ...' in text
+  brain = next(l for l in text.splitlines() if l.startswith('| brain'))
+  assert '| 5.0 | 5.0 | 6.0 |' in brain and '-1 [-1.6, -0.5] better' in brain
+  assert any(l.startswith('| csf') for l in text.splitlines())
