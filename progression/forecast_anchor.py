@@ -63,6 +63,7 @@ class RegionalAnchor:
     self.grid = grid
     self.anchored = anchored
     self._last = None  # (subject, covariates, inputs): each horizon asks 3-4 times.
+    self._warned: set[str] = set()  # Each warning once per Forecaster (an evaluation: 100s).
 
   def model_for(self, subject: 'Subject') -> tuple[str, regional_model.RegionalModel | None]:
     """The prior source and regional model that anchor `subject` (None: no prior)."""
@@ -86,7 +87,7 @@ class RegionalAnchor:
     source, model = self.model_for(subject)
     if not self.anchored or model is None:
       if self.anchored:
-        logging.warning('forecast without a baseline label map from a checkpoint without a '
+        self._warn_once('forecast without a baseline label map from a checkpoint without a '
                         'tissue-model regional model (or without any regional model): the '
                         'regional prior is off and the forecast is the network\'s residual '
                         'alone; give --labels for anchored forecasts')
@@ -97,14 +98,19 @@ class RegionalAnchor:
       baseline_ml = subject.baseline_volumes_ml()
     else:
       if source != self.prior_source:
-        logging.warning('forecast without a baseline label map: the regional prior acts on the '
-                        'tissue model\'s brain, GM, WM and CSF (the checkpoint\'s tissue-volume '
-                        'regional model); give --labels for the label regions')
+        self._warn_once('forecast without a baseline label map: the regional prior acts on '
+                        'the tissue model\'s brain, GM, WM and CSF (the checkpoint\'s '
+                        'tissue-volume regional model); give --labels for the label regions')
       classes, baseline_ml = self._tissue_inputs(subject)
     predicted = model.log_rates(cov, baseline_ml)
     rate_regions = prior_lib.prior_regions(source).rate_regions
     return PriorInputs(source, classes, np.asarray([predicted.get(r, np.nan)
                                                     for r in rate_regions], np.float32))
+
+  def _warn_once(self, message: str) -> None:
+    if message not in self._warned:
+      self._warned.add(message)
+      logging.warning(message)
 
   def _tissue_inputs(self, subject: 'Subject') -> tuple[np.ndarray, dict[str, float]]:
     """Tissue classes on the model grid and tissue volumes (mL) of the baseline."""
