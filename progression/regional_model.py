@@ -58,6 +58,10 @@ after): cohort400 at 30 0.81, 0.83, 0.78 -> 0.79, 0.83, 0.78, at 54, 120 and 240
 10) reaches 0.72, 0.78, 0.72 and 0.74, 0.77, 0.74. (Decades only, 10 / 100 / 1000, were 1-2 %
 better still on the e2e and demo cohorts but as much worse on cohort200 and cohort400 at 54.)
 
+The rates are then averaged with those of a compact 9-feature ridge, with a weight that
+decays with the training subjects (`regional_compact`: half at 50 subjects): with a few dozen
+subjects the full model is noisier than the data support, with hundreds it wins.
+
 Prediction: V1 = V0 exp(t y_hat); its predictive spread on the log scale is
 s(t) = sqrt(t^2 sigma_rate^2 + 2 sigma_meas^2), and the interval V0 exp(t y_hat +- q s(t))
 with q calibrated split-conformally for `coverage` (90 % by default) by
@@ -73,7 +77,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from progression import covariates, regional_ridge
+from progression import covariates, regional_compact, regional_ridge
 from progression.errors import ProgressionError
 
 HEAD_REGIONS = {'labels': ('whole_brain', 'csf', 'lateral_ventricles'),
@@ -82,6 +86,8 @@ HEAD_REGIONS = {'labels': ('whole_brain', 'csf', 'lateral_ventricles'),
 ANATOMY_MARKERS = {'labels': ('hippocampus', 'lateral_ventricles'), 'tissue': None}
 COVARIATE_FEATURES = ('diagnosis_MCI', 'diagnosis_AD', 'age_years', 'sex_M', 'apoe4', 'mmse',
                       'cdrsb', 'education_years')
+# The compact ridge's covariates (`regional_compact`), before the anatomy markers' fractions.
+COMPACT_FEATURES = COVARIATE_FEATURES[:-1]
 _FIELD_OF_FEATURE = {'diagnosis_MCI': 'diagnosis', 'diagnosis_AD': 'diagnosis',
                      'sex_M': 'sex'}
 # Covariates whose product with each diagnosis indicator is a feature.
@@ -151,6 +157,9 @@ class RegionalModel:
       else the Gaussian quantile).
     coverage: nominal coverage of `interval_ml`.
     num_subjects: training subjects behind the fit.
+    compact: the compact ridge the rates are averaged with (`regional_compact`, on
+      `compact_features`; None for models saved before it existed).
+    compact_weight: its share of the averaged annual log rate.
   """
   volume_method: str
   regions: tuple[str, ...]
@@ -169,6 +178,8 @@ class RegionalModel:
   augmented: dict[str, bool] = dataclasses.field(default_factory=dict)
   missing_coefficients: dict[str, tuple[float, ...]] = dataclasses.field(default_factory=dict)
   given_fields: tuple[str, ...] = ()
+  compact: regional_compact.CompactRidge | None = None
+  compact_weight: float = 0.0
 
   def features(self, cov: covariates.Covariates, baseline_ml: Mapping[str, float]
                ) -> np.ndarray:
@@ -186,7 +197,19 @@ class RegionalModel:
 
   def log_rates(self, cov: covariates.Covariates, baseline_ml: Mapping[str, float]
                 ) -> dict[str, float]:
-    """Predicted annual log change (1/year) per region.
+    """Predicted annual log change (1/year) per region: `full_log_rates` averaged with the
+    compact ridge's (weight `compact_weight`)."""
+    full = self.full_log_rates(cov, baseline_ml)
+    if self.compact is None or self.compact_weight <= 0:
+      return full
+    compact = self.compact.log_rates(compact_features(
+        cov, baseline_ml, self.compact.anatomy_regions, self.volume_method))
+    w = self.compact_weight
+    return {r: (1.0 - w) * full[r] + w * compact[r] for r in self.regions}
+
+  def full_log_rates(self, cov: covariates.Covariates, baseline_ml: Mapping[str, float]
+                     ) -> dict[str, float]:
+    """The full ridge's annual log change (1/year) per region, before the compact average.
 
     With the fields training had (`given_fields`), from `coefficients`; with one of them
     missing, from the fit that learned missing fields (`missing_coefficients` where the
@@ -226,6 +249,7 @@ class RegionalModel:
 
   def to_dict(self) -> dict[str, Any]:
     data = dataclasses.asdict(self)
+    data['compact'] = None if self.compact is None else self.compact.to_dict()
     return {k: list(v) if isinstance(v, tuple) else v for k, v in data.items()}
 
   @classmethod
@@ -248,7 +272,10 @@ class RegionalModel:
                  augmented={r: bool(v) for r, v in data.get('augmented', {}).items()},
                  missing_coefficients={r: tuple(float(c) for c in v) for r, v
                                        in data.get('missing_coefficients', {}).items()},
-                 given_fields=tuple(data.get('given_fields', ())))
+                 given_fields=tuple(data.get('given_fields', ())),
+                 compact=(regional_compact.CompactRidge.from_dict(data['compact'])
+                          if data.get('compact') else None),
+                 compact_weight=float(data.get('compact_weight', 0.0)))
     except (KeyError, TypeError, ValueError, AttributeError) as e:
       raise ProgressionError(f'regional model: malformed dict ({type(e).__name__}: {e})'
                              ) from None
@@ -279,6 +306,16 @@ def _feature_vector(cov: covariates.Covariates, baseline_ml: Mapping[str, float]
     # of the population rate's MAE) and tied them from 54 up.
     products = [value[d] * value[c] for d in _INTERACTING for c in INTERACTIONS]
   return np.asarray(values + missing + anatomy + products, dtype=np.float64)
+
+
+def compact_features(cov: covariates.Covariates, baseline_ml: Mapping[str, float],
+                     anatomy_regions: Sequence[str], volume_method: str) -> np.ndarray:
+  """The compact ridge's raw features: `COMPACT_FEATURES` (NaN when missing), then the
+  fraction of the head of each of `anatomy_regions`."""
+  raw = _raw_covariate_features(cov)
+  head = max(head_size_ml(baseline_ml, volume_method), 1e-3)
+  return np.asarray([np.nan if raw[f] is None else float(raw[f]) for f in COMPACT_FEATURES]
+                    + [float(baseline_ml[r]) / head for r in anatomy_regions], np.float64)
 
 
 def _fields_used() -> tuple[str, ...]:
@@ -352,6 +389,11 @@ def fit(table: pd.DataFrame, pair_covariates: Sequence[covariates.Covariates],
       missing_coefficients[region] = tuple(float(b) for b in fallback)
   names = (COVARIATE_FEATURES + tuple(f'{f}_missing' for f in _fields_used())
            + tuple(f'{_ANATOMY_PREFIX}{r}' for r in anatomy) + _interaction_names())
+  compact = regional_compact.fit(
+      np.stack([compact_features(c, b, anatomy, volume_method)
+                for c, b in zip(covs, pairs['baseline'].tolist())]),
+      {r: pairs[f'y_{r}'].to_numpy() for r in regions}, anatomy)
+  num_subjects = int(pairs['subject'].nunique())
   return RegionalModel(volume_method=volume_method, regions=regions, feature_names=names,
                        fill=fill, mean=tuple(float(m) for m in mean),
                        scale=tuple(float(s) for s in scale), coefficients=coefficients,
@@ -360,7 +402,8 @@ def fit(table: pd.DataFrame, pair_covariates: Sequence[covariates.Covariates],
                        given_fields=_given_fields(covs),
                        sigma_rate=sigma_rate, sigma_meas=sigma_meas,
                        conformal_q={r: _Z90 for r in regions}, coverage=DEFAULT_COVERAGE,
-                       num_subjects=int(pairs['subject'].nunique()))
+                       num_subjects=num_subjects, compact=compact,
+                       compact_weight=regional_compact.blend_weight(num_subjects))
 
 
 def _given_fields(covs: Sequence[covariates.Covariates]) -> tuple[str, ...]:

@@ -84,15 +84,15 @@ def test_complete_covariates_use_the_fit_without_dropout_copies_when_it_validate
   for cov in _correlated_scores_cohort(30, seed=1)[1]:
     x = np.concatenate([[1.0], model.features(cov, baseline)])
     truth = -0.01 - 0.004 * (30 - cov.mmse)
-    assert model.log_rates(cov, baseline)['hippocampus'] == pytest.approx(
+    assert model.full_log_rates(cov, baseline)['hippocampus'] == pytest.approx(
         x @ np.asarray(model.coefficients['hippocampus']))
-    errors['without'].append(abs(model.log_rates(cov, baseline)['hippocampus'] - truth))
+    errors['without'].append(abs(model.full_log_rates(cov, baseline)['hippocampus'] - truth))
     errors['with'].append(abs(x @ np.asarray(model.missing_coefficients['hippocampus']) - truth))
   assert np.mean(errors['without']) < np.mean(errors['with'])
   complete = covariates.Covariates(diagnosis='MCI', mmse=24.0, cdrsb=2.0)
   no_score = dataclasses.replace(complete, cdrsb=None)
   x = np.concatenate([[1.0], model.features(no_score, baseline)])
-  assert model.log_rates(no_score, baseline)['hippocampus'] == pytest.approx(
+  assert model.full_log_rates(no_score, baseline)['hippocampus'] == pytest.approx(
       x @ np.asarray(model.missing_coefficients['hippocampus']))
 
 
@@ -189,7 +189,8 @@ def test_a_saved_model_with_other_features_predicts_with_its_own():
   names = [data['feature_names'][i] for i in kept] + ['logfrac_csf']
   data.update(feature_names=names, mean=[0.0] * len(names), scale=[1.0] * len(names),
               coefficients={r: [0.0] * len(names) + [1.0] for r in data['regions']})
-  for newer in ('interaction_factor', 'augmented', 'missing_coefficients', 'given_fields'):
+  for newer in ('interaction_factor', 'augmented', 'missing_coefficients', 'given_fields',
+                'compact', 'compact_weight'):
     del data[newer]
   older = regional_model.RegionalModel.from_dict(data)
   assert older.anatomy_regions == ('hippocampus', 'lateral_ventricles', 'csf')
@@ -224,3 +225,23 @@ def test_diagnosis_interactions_are_learned_when_a_score_matters_only_in_one_dia
   cn_slope = (rate('CN', 28.0) - rate('CN', 20.0)) / 8.0
   assert 0.5 * 0.005 < mci_slope < 0.005 and abs(cn_slope) < 0.4 * mci_slope
   assert rate('MCI', 24.0) == pytest.approx(-0.05, abs=3e-3)
+
+
+def test_rates_average_the_full_and_the_compact_ridge_by_training_subjects():
+  table, covs = _cohort(60, seed=3, noise=0.01)
+  model = regional_model.fit(table, covs, 'labels')
+  assert model.num_subjects == 60
+  assert model.compact_weight == pytest.approx(50.0 / 110.0)
+  assert model.compact.anatomy_regions == ('hippocampus', 'lateral_ventricles')
+  baseline = {'hippocampus': 6.0, 'whole_brain': 1100.0, 'csf': 300.0,
+              'lateral_ventricles': 30.0}
+  cov = covariates.Covariates(age_years=70.0, sex='F', diagnosis='MCI', mmse=24.0)
+  full = model.full_log_rates(cov, baseline)
+  compact = model.compact.log_rates(np.array([1.0, 0.0, 70.0, 0.0, np.nan, 24.0, np.nan,
+                                              6.0 / 1430.0, 30.0 / 1430.0]))
+  w = model.compact_weight
+  for region, rate in model.log_rates(cov, baseline).items():
+    assert rate == pytest.approx((1 - w) * full[region] + w * compact[region])
+  assert compact['hippocampus'] != pytest.approx(full['hippocampus'], abs=1e-6)
+  old = {k: v for k, v in model.to_dict().items() if k not in ('compact', 'compact_weight')}
+  assert regional_model.RegionalModel.from_dict(old).log_rates(cov, baseline) == full
