@@ -59,7 +59,7 @@ after): cohort400 at 30 0.81, 0.83, 0.78 -> 0.79, 0.83, 0.78, at 54, 120 and 240
 better still on the e2e and demo cohorts but as much worse on cohort200 and cohort400 at 54.)
 
 The rates are then averaged with those of a compact 9-feature ridge, with a weight that
-decays with the training subjects (`regional_compact`: half at 50 subjects): with a few dozen
+decays with the training subjects (`regional_compact`: half at 25 subjects): with a few dozen
 subjects the full model is noisier than the data support, with hundreds it wins.
 
 Prediction: V1 = V0 exp(t y_hat); its predictive spread on the log scale is

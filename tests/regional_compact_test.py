@@ -22,7 +22,7 @@ def test_recovers_a_linear_rate_and_fills_missing_values_with_the_training_mean(
   assert restored.log_rates(np.array([22.0, 0.004])) == model.log_rates(np.array([22.0, 0.004]))
 
 
-def test_blend_weight_halves_at_fifty_subjects_and_decays():
-  assert regional_compact.blend_weight(50) == 0.5
-  assert regional_compact.blend_weight(200) == pytest.approx(0.2)
+def test_blend_weight_halves_at_25_subjects_and_decays():
+  assert regional_compact.blend_weight(25) == 0.5
+  assert regional_compact.blend_weight(225) == pytest.approx(0.1)
   assert regional_compact.blend_weight(0) == 1.0

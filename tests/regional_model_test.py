@@ -231,7 +231,7 @@ def test_rates_average_the_full_and_the_compact_ridge_by_training_subjects():
   table, covs = _cohort(60, seed=3, noise=0.01)
   model = regional_model.fit(table, covs, 'labels')
   assert model.num_subjects == 60
-  assert model.compact_weight == pytest.approx(50.0 / 110.0)
+  assert model.compact_weight == pytest.approx(25.0 / 85.0)
   assert model.compact.anatomy_regions == ('hippocampus', 'lateral_ventricles')
   baseline = {'hippocampus': 6.0, 'whole_brain': 1100.0, 'csf': 300.0,
               'lateral_ventricles': 30.0}
