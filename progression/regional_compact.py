@@ -7,10 +7,10 @@ errors. The regional model's annual log rate is therefore
 
     y = (1 - w) y_full + w y_compact,   w = COMPACT_SUBJECTS / (COMPACT_SUBJECTS + n),
 
-n the training subjects: equal weight at 25 subjects, a third at 50, a tenth at 225. The compact ridge has
-the diagnosis indicators (MCI, AD), age, sex, APOE4, MMSE and CDR-SB and the baseline
-fractions of the head of the anatomy markers (hippocampus and lateral ventricles with label
-maps); a missing field takes its training mean; every pair weighs the same; the penalty is
+n the training subjects: equal weight at 25 subjects, a third at 50, a tenth at 225. The
+compact ridge has the diagnosis indicators (MCI, AD), age, sex, APOE4, MMSE and CDR-SB and
+the baseline fractions of the head of the anatomy markers (hippocampus and lateral
+ventricles with label maps, every tissue class without); a missing field takes its training mean; every pair weighs the same; the penalty is
 `PENALTY` on standardised features. Measured on cached volume tables (MAE relative to the
 population rate, mean of hippocampus, lateral ventricles and whole brain over 5-10 subject
 splits; full -> blended): a fresh 90-subject 3 mm cohort (54 training subjects, not used to
