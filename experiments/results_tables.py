@@ -3,7 +3,8 @@
 Per headline region: MAE (mL) and mean |annualised-rate error| (%/year) of every method with
 their 95 % CIs, the subject-level paired comparison of the model with each baseline and
 reference (`comparisons.csv`), every region's MAE, the learning curve, the T1w-only
-(tissue-volume) evaluation and a with/without comparison of runs. It only reads the files; nothing is recomputed.
+(tissue-volume) evaluation and a with/without comparison of runs. It only reads the files;
+nothing is recomputed.
 """
 
 import json

@@ -14,8 +14,8 @@ Outputs (`Forecast`) are on the *input's* grid and affine, in the file's own vox
   * `jacobian`: local volume ratio follow-up / baseline of the tissue at each *baseline*
     position (det of the push-forward exp(-t·v)); < 1 is shrinkage; 1 outside the model grid;
   * `labels`: the baseline label map warped through its linearly interpolated one-hot
-    probabilities, each voxel's label drawn by a fixed dither (`forecast_fields.warp_input`), so label
-    volumes follow the Jacobian-integrated ones; when given;
+    probabilities, each voxel's label drawn by a fixed dither (`forecast_fields.warp_input`),
+    so label volumes follow the Jacobian-integrated ones; when given;
   * `volumes_ml`: predicted regional volumes (mL), the Jacobian integrated over the baseline
     label map (tensor-based morphometry) or, without labels, over a CSF/GM/WM segmentation
     of the baseline made by `evaluation.tissue`;
@@ -303,7 +303,8 @@ def volumes_table(forecasts: 'Sequence[Forecast] | Mapping[str, Sequence[Forecas
   """Long table of predicted volumes: one row per (scenario,) horizon and region.
 
   Columns: [scenario,] years, region, volume_ml, lower_ml and upper_ml (prediction interval,
-  NaN without one), baseline_volume_ml, change_pct (total % change from the baseline), method. `scenario` only when given a mapping (counterfactuals).
+  NaN without one), baseline_volume_ml, change_pct (total % change from the baseline),
+  method. `scenario` only when given a mapping (counterfactuals).
   """
   if isinstance(forecasts, Mapping):
     tables = [volumes_table(f).assign(scenario=name) for name, f in forecasts.items()]

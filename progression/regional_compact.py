@@ -10,16 +10,17 @@ errors. The regional model's annual log rate is therefore
 n the training subjects: equal weight at 25 subjects, a third at 50, a tenth at 225. The
 compact ridge has the diagnosis indicators (MCI, AD), age, sex, APOE4, MMSE and CDR-SB and
 the baseline fractions of the head of the anatomy markers (hippocampus and lateral
-ventricles with label maps, every tissue class without); a missing field takes its training mean; every pair weighs the same; the penalty is
-`PENALTY` on standardised features. Measured on cached volume tables (MAE relative to the
-population rate, mean of hippocampus, lateral ventricles and whole brain over 5-10 subject
-splits; full -> blended): a fresh 90-subject 3 mm cohort (54 training subjects, not used to
-design the model) 0.832 -> 0.822 (the compact ridge alone 0.814), the e2e cohorts (36)
-0.824 -> 0.812 and 0.840 -> 0.831, the 4 mm demo cohort 0.973 -> 0.954, cohort400 at 30
-0.797 -> 0.790; level (within 0.2 %) with 54-240 subjects of cohort400 and on cohort200,
-where the full model has the data it needs. COMPACT_SUBJECTS = 50 gained 0.1-0.4 % more
-below 55 subjects and lost as much above; on the standard experiment's split (cohort200,
-120 training subjects) it cost 1.5-2.6 % on the headline regions against 1-1.4 % at 25.
+ventricles with label maps, every tissue class without); a missing field takes its training
+mean; every pair weighs the same; the penalty is `PENALTY` on standardised features.
+Measured on cached volume tables (MAE relative to the population rate, mean of hippocampus,
+lateral ventricles and whole brain over 5-10 subject splits; full -> blended): a fresh
+90-subject 3 mm cohort (54 training subjects, not used to design the model) 0.832 -> 0.822
+(the compact ridge alone 0.814), the e2e cohorts (36) 0.824 -> 0.812 and 0.840 -> 0.831, the
+4 mm demo cohort 0.973 -> 0.954, cohort400 at 30 0.797 -> 0.790; level (within 0.2 %) with
+54-240 subjects of cohort400 and on cohort200, where the full model has the data it needs.
+COMPACT_SUBJECTS = 50 gained 0.1-0.4 % more below 55 subjects and lost as much above; on the
+standard experiment's split (cohort200, 120 training subjects) it cost 1.5-2.6 % on the
+headline regions against 1-1.4 % at 25.
 """
 
 import dataclasses
@@ -62,14 +63,15 @@ class CompactRidge:
     return {r: float(design @ np.asarray(c)) for r, c in self.coefficients.items()}
 
   def to_dict(self) -> dict[str, Any]:
-    return {'anatomy_regions': list(self.anatomy_regions), 'fill': list(self.fill), 'mean': list(self.mean), 'scale': list(self.scale),
+    return {'anatomy_regions': list(self.anatomy_regions), 'fill': list(self.fill),
+            'mean': list(self.mean), 'scale': list(self.scale),
             'coefficients': {r: list(c) for r, c in self.coefficients.items()}}
 
   @classmethod
   def from_dict(cls, data: Mapping[str, Any]) -> 'CompactRidge':
     floats = lambda values: tuple(float(v) for v in values)
-    return cls(anatomy_regions=tuple(data['anatomy_regions']), fill=floats(data['fill']), mean=floats(data['mean']),
-               scale=floats(data['scale']),
+    return cls(anatomy_regions=tuple(data['anatomy_regions']), fill=floats(data['fill']),
+               mean=floats(data['mean']), scale=floats(data['scale']),
                coefficients={r: floats(c) for r, c in data['coefficients'].items()})
 
 
