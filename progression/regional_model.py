@@ -6,25 +6,25 @@ The prior knowledge of the generator (DESIGN.md) and an evaluation method of its
     y = log(V1 / V0) / t   (t: interval in years; compound rate = 100 (exp(y) - 1) %/year),
 
 is a ridge regression on the baseline covariates (diagnosis as MCI/AD indicators, age, sex,
-APOE4, MMSE, CDR-SB, education; a missing field is set to its training mean and flagged by an
-indicator), the products of the diagnosis indicators with age, APOE4, MMSE and CDR-SB
-(`INTERACTIONS`: how much a score says about the disease stage, and so the rate, differs by
-diagnosis: MMSE sits at its ceiling in most controls, conversion speeds up MCI), and the
-baseline anatomy: log(V / head size) of the atrophy markers
-(`ANATOMY_MARKERS`: hippocampus and lateral ventricles with label maps, every tissue class
-with the tissue model), with head size the intracranial volume (whole brain + CSF + lateral
-ventricles with label maps, brain + CSF with the tissue model), so the fractions measure
-atrophy whatever the head's size. Only the two canonical markers, not every region: the
-other fractions (amygdala, thalamus, cortex, white matter, CSF, whole brain) add little the
-markers and scores do not carry, and a ridge that spreads its weight over eight correlated,
-noisily measured fractions forecast worse. Hippocampal MAE relative to the population rate,
-mean of 5 subject splits, all regions -> markers: cohort400 with 30 / 54 / 120 / 240
-training subjects 0.86 -> 0.77, 0.79 -> 0.75, 0.78 -> 0.74, 0.76 -> 0.74 (whole brain 3-9 %
-better, lateral ventricles 1-4 %); cohort200 (120) 0.82 -> 0.80, whole brain 0.77 -> 0.75,
-but lateral ventricles 0.85 -> 0.87; the 4 mm demo cohort (36) is too noisy to tell
-(split-to-split sd 0.16). The diagnosis interactions, on top of the markers (their own
-penalty factor chosen by cross-validation, `INTERACTION_FACTORS`): cohort400 54 / 120 / 240
-training subjects hippocampus 0.75 -> 0.73, 0.74 -> 0.72, 0.74 -> 0.71, ventricles
+APOE4, MMSE, CDR-SB, education; a missing field is set to its training mean and flagged by
+an indicator), the products of the diagnosis indicators with age, APOE4, MMSE and CDR-SB
+(`regional_features.INTERACTIONS`: how much a score says about the disease stage, and so the
+rate, differs by diagnosis: MMSE sits at its ceiling in most controls, conversion speeds up
+MCI), and the baseline anatomy: log(V / head size) of the atrophy markers
+(`regional_features.ANATOMY_MARKERS`: hippocampus and lateral ventricles with label maps,
+every tissue class with the tissue model), with head size the intracranial volume (whole
+brain + CSF + lateral ventricles with label maps, brain + CSF with the tissue model), so the
+fractions measure atrophy whatever the head's size. Only the two canonical markers, not
+every region: the other fractions (amygdala, thalamus, cortex, white matter, CSF, whole
+brain) add little the markers and scores do not carry, and a ridge that spreads its weight
+over eight correlated, noisily measured fractions forecast worse. Hippocampal MAE relative
+to the population rate, mean of 5 subject splits, all regions -> markers: cohort400 with 30
+/ 54 / 120 / 240 training subjects 0.86 -> 0.77, 0.79 -> 0.75, 0.78 -> 0.74, 0.76 -> 0.74
+(whole brain 3-9 % better, lateral ventricles 1-4 %); cohort200 (120) 0.82 -> 0.80, whole
+brain 0.77 -> 0.75, but lateral ventricles 0.85 -> 0.87; the 4 mm demo cohort (36) is too
+noisy to tell (split-to-split sd 0.16). The diagnosis interactions, on top of the markers
+(their own penalty factor chosen by cross-validation, `INTERACTION_FACTORS`): cohort400 54 /
+120 / 240 training subjects hippocampus 0.75 -> 0.73, 0.74 -> 0.72, 0.74 -> 0.71, ventricles
 0.80 -> 0.78, 0.77 -> 0.73, 0.80 -> 0.76; cohort200 hippocampus 0.80 -> 0.76, ventricles
 0.87 -> 0.83, whole brain 0.75 -> 0.72; level at 30 and on the demo cohort.
 
@@ -77,22 +77,9 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from progression import covariates, regional_compact, regional_ridge
+from progression import covariates, regional_compact, regional_features, regional_ridge
 from progression.errors import ProgressionError
 
-HEAD_REGIONS = {'labels': ('whole_brain', 'csf', 'lateral_ventricles'),
-                'tissue': ('brain', 'csf')}
-# Regions whose baseline fraction of the head is a feature (None: every modelled region).
-ANATOMY_MARKERS = {'labels': ('hippocampus', 'lateral_ventricles'), 'tissue': None}
-COVARIATE_FEATURES = ('diagnosis_MCI', 'diagnosis_AD', 'age_years', 'sex_M', 'apoe4', 'mmse',
-                      'cdrsb', 'education_years')
-# The compact ridge's covariates (`regional_compact`), before the anatomy markers' fractions.
-COMPACT_FEATURES = COVARIATE_FEATURES[:-1]
-_FIELD_OF_FEATURE = {'diagnosis_MCI': 'diagnosis', 'diagnosis_AD': 'diagnosis',
-                     'sex_M': 'sex'}
-# Covariates whose product with each diagnosis indicator is a feature.
-INTERACTIONS = ('age_years', 'apoe4', 'mmse', 'cdrsb')
-_INTERACTING = ('diagnosis_MCI', 'diagnosis_AD')
 # Ridge penalties tried per region (on standardised coefficients, in units of one training
 # row's mean weight); the one with the lowest subject-grouped cross-validation error is kept.
 # None below 10: with them a few dozen subjects' noisy CV picked penalties that then forecast
@@ -109,26 +96,6 @@ AUGMENT_COPIES = 3
 DEFAULT_COVERAGE = 0.9
 MIN_REGION_SHARE = 0.9  # Regions with a positive volume in fewer pairs than this are left out.
 _Z90 = 1.6448536269514722  # Gaussian 90 % quantile: q before calibration.
-_ANATOMY_PREFIX = 'logfrac_'
-_INTERACTION_MARK = '*'
-
-
-def head_size_ml(baseline_ml: Mapping[str, float], volume_method: str) -> float:
-  """Intracranial volume (mL) from a visit's regional volumes (see the module docstring)."""
-  try:
-    return float(sum(baseline_ml[r] for r in HEAD_REGIONS[volume_method]))
-  except KeyError as e:
-    raise ProgressionError(f'regional model: volumes lack region {e} needed for the head size '
-                           f'({volume_method})') from None
-
-
-def _raw_covariate_features(cov: covariates.Covariates) -> dict[str, float | None]:
-  dx = cov.diagnosis
-  return {'diagnosis_MCI': None if dx is None else float(dx == 'MCI'),
-          'diagnosis_AD': None if dx is None else float(dx == 'AD'),
-          'age_years': cov.age_years, 'sex_M': None if cov.sex is None else float(cov.sex == 'M'),
-          'apoe4': None if cov.apoe4 is None else float(cov.apoe4), 'mmse': cov.mmse,
-          'cdrsb': cov.cdrsb, 'education_years': cov.education_years}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -184,16 +151,16 @@ class RegionalModel:
   def features(self, cov: covariates.Covariates, baseline_ml: Mapping[str, float]
                ) -> np.ndarray:
     """Standardised feature vector `[len(feature_names)]` of one baseline."""
-    interactions = any(_INTERACTION_MARK in f for f in self.feature_names)
-    return (_feature_vector(cov, baseline_ml, self.anatomy_regions, self.volume_method,
-                            self.fill, interactions)
+    interactions = any(regional_features.INTERACTION_MARK in f for f in self.feature_names)
+    return (regional_features.feature_vector(cov, baseline_ml, self.anatomy_regions,
+                                              self.volume_method, self.fill, interactions)
             - np.asarray(self.mean)) / np.asarray(self.scale)
 
   @property
   def anatomy_regions(self) -> tuple[str, ...]:
     """Regions whose baseline log fraction of the head is a feature, in feature order."""
-    return tuple(f.removeprefix(_ANATOMY_PREFIX) for f in self.feature_names
-                 if f.startswith(_ANATOMY_PREFIX))
+    return tuple(f.removeprefix(regional_features.ANATOMY_PREFIX) for f in self.feature_names
+                 if f.startswith(regional_features.ANATOMY_PREFIX))
 
   def log_rates(self, cov: covariates.Covariates, baseline_ml: Mapping[str, float]
                 ) -> dict[str, float]:
@@ -202,7 +169,7 @@ class RegionalModel:
     full = self.full_log_rates(cov, baseline_ml)
     if self.compact is None or self.compact_weight <= 0:
       return full
-    compact = self.compact.log_rates(compact_features(
+    compact = self.compact.log_rates(regional_features.compact_features(
         cov, baseline_ml, self.compact.anatomy_regions, self.volume_method))
     w = self.compact_weight
     return {r: (1.0 - w) * full[r] + w * compact[r] for r in self.regions}
@@ -281,50 +248,8 @@ class RegionalModel:
                              ) from None
 
 
-def _anatomy_regions(regions: Sequence[str], volume_method: str) -> tuple[str, ...]:
-  """The modelled regions that are anatomy features (`ANATOMY_MARKERS`; all if none is)."""
-  markers = ANATOMY_MARKERS.get(volume_method)
-  chosen = tuple(r for r in regions if markers is None or r in markers)
-  return chosen or tuple(regions)
-
-
-def _feature_vector(cov: covariates.Covariates, baseline_ml: Mapping[str, float],
-                    anatomy_regions: Sequence[str], volume_method: str,
-                    fill: Mapping[str, float], interactions: bool = True) -> np.ndarray:
-  raw = _raw_covariate_features(cov)
-  values = [fill[f] if raw[f] is None else float(raw[f]) for f in COVARIATE_FEATURES]
-  missing = [float(getattr(cov, f) is None) for f in _fields_used()]
-  head = head_size_ml(baseline_ml, volume_method)
-  anatomy = [math.log(max(float(baseline_ml[r]), 1e-3) / max(head, 1e-3))
-             for r in anatomy_regions]
-  products = []
-  if interactions:
-    value = dict(zip(COVARIATE_FEATURES, values))
-    # Not centred: a product then nearly copies its diagnosis column, so the ridge shrinks a
-    # slope's difference between diagnoses harder than the slope itself. On the synthetic
-    # cohorts that beat centred products at 30 training subjects (hippocampus 0.77 vs 0.80
-    # of the population rate's MAE) and tied them from 54 up.
-    products = [value[d] * value[c] for d in _INTERACTING for c in INTERACTIONS]
-  return np.asarray(values + missing + anatomy + products, dtype=np.float64)
-
-
-def compact_features(cov: covariates.Covariates, baseline_ml: Mapping[str, float],
-                     anatomy_regions: Sequence[str], volume_method: str) -> np.ndarray:
-  """The compact ridge's raw features: `COMPACT_FEATURES` (NaN when missing), then the
-  fraction of the head of each of `anatomy_regions`."""
-  raw = _raw_covariate_features(cov)
-  head = max(head_size_ml(baseline_ml, volume_method), 1e-3)
-  return np.asarray([np.nan if raw[f] is None else float(raw[f]) for f in COMPACT_FEATURES]
-                    + [float(baseline_ml[r]) / head for r in anatomy_regions], np.float64)
-
-
-def _fields_used() -> tuple[str, ...]:
-  """Covariate fields behind `COVARIATE_FEATURES`, in order, each once."""
-  return tuple(dict.fromkeys(_FIELD_OF_FEATURE.get(f, f) for f in COVARIATE_FEATURES))
-
-
 def _masked(cov: covariates.Covariates, rng: np.random.Generator) -> covariates.Covariates:
-  changes = {f: None for f in _fields_used() if rng.random() < DROPOUT}
+  changes = {f: None for f in regional_features.fields_used() if rng.random() < DROPOUT}
   return dataclasses.replace(cov, **changes)
 
 
@@ -349,17 +274,17 @@ def fit(table: pd.DataFrame, pair_covariates: Sequence[covariates.Covariates],
     raise ProgressionError(f'regional model: {len(pair_covariates)} covariate rows for '
                            f'{pairs.attrs["num_pairs"]} pairs')
   regions = tuple(pairs.attrs['regions'])
-  anatomy = _anatomy_regions(regions, volume_method)
+  anatomy = regional_features.anatomy_regions(regions, volume_method)
   covs = [pair_covariates[i] for i in pairs['pair']]
-  raw = [_raw_covariate_features(c) for c in covs]
+  raw = [regional_features.raw_covariate_features(c) for c in covs]
   fill = {f: float(np.mean([r[f] for r in raw if r[f] is not None] or [0.0]))
-          for f in COVARIATE_FEATURES}
+          for f in regional_features.COVARIATE_FEATURES}
   rng = np.random.default_rng(seed)
   rows = []
   for copy in range(1 + AUGMENT_COPIES):
     for cov, baseline in zip(covs, pairs['baseline'].tolist()):
-      rows.append(_feature_vector(cov if copy == 0 else _masked(cov, rng), baseline, anatomy,
-                                  volume_method, fill))
+      rows.append(regional_features.feature_vector(
+          cov if copy == 0 else _masked(cov, rng), baseline, anatomy, volume_method, fill))
   x = np.stack(rows)
   mean = x.mean(axis=0)
   scale = np.where(x.std(axis=0) > 1e-9, x.std(axis=0), 1.0)
@@ -368,7 +293,8 @@ def fit(table: pd.DataFrame, pair_covariates: Sequence[covariates.Covariates],
   per_subject = pairs.groupby('subject')['pair'].transform('count').to_numpy()
   share = np.tile(1.0 / per_subject, 1 + AUGMENT_COPIES) / (1 + AUGMENT_COPIES)
   fold = np.tile(subject_folds(pairs['subject'].to_numpy(), rng), 1 + AUGMENT_COPIES)
-  interacting = np.arange(design.shape[1]) >= design.shape[1] - len(_interaction_names())
+  num_interactions = len(regional_features.interaction_names())
+  interacting = np.arange(design.shape[1]) >= design.shape[1] - num_interactions
   coefficients, penalty, factor, sigma_rate, sigma_meas = {}, {}, {}, {}, {}
   augmented, missing_coefficients = {}, {}
   for region in regions:
@@ -387,10 +313,9 @@ def fit(table: pd.DataFrame, pair_covariates: Sequence[covariates.Covariates],
       penalties = regional_ridge.penalty_vector(*options[True][:2], interacting)
       fallback = regional_ridge.two_step_ridge(design, y, share, years, penalties, len(pairs))[0]
       missing_coefficients[region] = tuple(float(b) for b in fallback)
-  names = (COVARIATE_FEATURES + tuple(f'{f}_missing' for f in _fields_used())
-           + tuple(f'{_ANATOMY_PREFIX}{r}' for r in anatomy) + _interaction_names())
+  names = regional_features.feature_names(anatomy)
   compact = regional_compact.fit(
-      np.stack([compact_features(c, b, anatomy, volume_method)
+      np.stack([regional_features.compact_features(c, b, anatomy, volume_method)
                 for c, b in zip(covs, pairs['baseline'].tolist())]),
       {r: pairs[f'y_{r}'].to_numpy() for r in regions}, anatomy)
   num_subjects = int(pairs['subject'].nunique())
@@ -408,7 +333,7 @@ def fit(table: pd.DataFrame, pair_covariates: Sequence[covariates.Covariates],
 
 def _given_fields(covs: Sequence[covariates.Covariates]) -> tuple[str, ...]:
   """The covariate fields given in at least half of `covs`."""
-  return tuple(f for f in _fields_used()
+  return tuple(f for f in regional_features.fields_used()
                if np.mean([getattr(c, f) is None for c in covs]) < 0.5)
 
 
@@ -422,10 +347,6 @@ def _cv_grid() -> list[tuple[float, float, bool]]:
   """(penalty, interaction factor, augmented) settings that cross-validation compares."""
   return [(p, f, a) for a in AUGMENTATION_CHOICES for p in PENALTIES
           for f in INTERACTION_FACTORS]
-
-
-def _interaction_names() -> tuple[str, ...]:
-  return tuple(f'{d}{_INTERACTION_MARK}{c}' for d in _INTERACTING for c in INTERACTIONS)
 
 
 def pairs_wide(table: pd.DataFrame, regions: Sequence[str] | None = None) -> pd.DataFrame:
