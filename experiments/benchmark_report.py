@@ -78,6 +78,10 @@ def summarize(results: dict) -> dict:
         row[key]['gflop'] = flops / 1e9
         row[key]['ours_gflop_per_s'] = _ratio(flops / 1e9, best)
         row[key]['torch_best_gflop_per_s'] = _ratio(flops / 1e9, theirs[best_b])
+      ops = _get(ours.get(1), *path[:2], 'op_time_per_sample_s') if path[0] == 'velocity' else None
+      if ops:  # Op time by kind at our best batch; the convolution kernels alone vs PyTorch.
+        row[key]['op_time_per_sample_s'] = ops
+        row[key]['convolution_ratio_best'] = _ratio(ops['convolution'], theirs[best_b])
     comparison.append(row)
   scaling = {}
   for (model, size, devices), g in gen.items():
@@ -181,7 +185,8 @@ def format_tables(results: dict) -> str:
                  tr.get('flops') and tr['flops'] * g['devices'] / 1e9, tr.get('gflop_per_s'),
                  tr.get('fraction_of_matmul_peak'), _get(g, 'memory', 'maxrss_mib'),
                  compiled(fwd)])
-  out.append('Generator (s/sample, medians; fwd = generator forward, train = fwd+losses+bwd+pmean+AdamW)\n' + _table(
+  out.append('Generator (s/sample, medians; fwd = generator forward, '
+             'train = fwd+losses+bwd+pmean+AdamW)\n' + _table(
       ['config', 'grid', 'devices', 'fwd s', 'train s', 'train samples/s', 'train compile s',
        'GFLOP/step', 'GFLOP/s', 'of matmul peak', 'peak RSS MiB', 'fwd compile s'], rows))
   peak = results.get('matmul_peak') or {}
@@ -227,6 +232,19 @@ def format_tables(results: dict) -> str:
                      r[k].get('ours_gflop_per_s'), r[k].get('torch_best_gflop_per_s')]
                     for r in summary['comparison']
                     for k in ('velocity_forward', 'velocity_forward_backward') if k in r]))
+    profiled = [(r, r['velocity_forward_backward']) for r in summary['comparison']
+                if _get(r, 'velocity_forward_backward', 'op_time_per_sample_s')]
+    if profiled:
+      out.append('Velocity network fwd+bwd op time by kind (s/sample at our best batch; XLA '
+                 'profile, experiments/op_profile.py; layout = transposes and copies with the '
+                 'work fused into them)\n' + _table(
+                     ['config', 'grid', 'convolution kernels', 'layout', 'other', 'op total',
+                      'convolution share', 'convolution kernels alone / PyTorch'],
+                     [[r['model'], r['size'], c['op_time_per_sample_s']['convolution'],
+                       c['op_time_per_sample_s']['layout'], c['op_time_per_sample_s']['other'],
+                       c['op_time_per_sample_s']['total'],
+                       c['op_time_per_sample_s']['share_convolution'],
+                       c['convolution_ratio_best']] for r, c in profiled]))
   else:
     out.append(f'PyTorch: {torch.get("skipped") or torch.get("error")}')
   tables = summary.get('goal_tables') or {'': summary['goals']}

@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
+from experiments import op_profile
 from experiments.timing import time_calls
 
 
@@ -173,6 +174,11 @@ def _velocity_network(config, params, spec) -> dict:
                         spec['warmup'])}
       r['per_sample_s'] = r['median_s'] / b
       r['gflop_per_s'] = r['flops'] / r['per_sample_s'] / 1e9
+      if name == 'forward_backward':  # Where the time goes: convolution kernels or around them.
+        profile = op_profile.op_time_by_kind(compiled, lambda: jax.block_until_ready(
+            compiled(params)))
+        r['op_time_per_sample_s'] = {k: v / b if k in op_profile.KINDS + ('total',) else v
+                                     for k, v in profile.items()}
       best = result.get(name)
       r['by_batch'] = {**(best or {}).get('by_batch', {}), str(b): r['per_sample_s']}
       if best is None or r['per_sample_s'] < best['per_sample_s']:

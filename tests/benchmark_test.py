@@ -98,7 +98,10 @@ def test_summarize_ratios_and_goals():
       'size': size, 'devices': devices, 'forward': timing(fwd), 'train': timing(tr),
       'velocity': {'forward': {'per_sample_s': 0.1, 'batch': 1, 'by_batch': {'1': 0.1}},
                    'forward_backward': {'per_sample_s': 0.25, 'batch': 2,
-                                        'by_batch': {'1': 0.3, '2': 0.25}}}}
+                                        'by_batch': {'1': 0.3, '2': 0.25},
+                                        'op_time_per_sample_s': {
+                                            'convolution': 0.12, 'layout': 0.05, 'other': 0.03,
+                                            'total': 0.2, 'share_convolution': 0.6}}}}
   ref = lambda batch, per_sample: {
       'size': '64x64x64', 'batch': batch, 'params': 7, 'threads': 2,
       **{k: {'per_sample_s': per_sample} for k in ('forward', 'train_step', 'velocity_forward',
@@ -123,6 +126,7 @@ def test_summarize_ratios_and_goals():
   velocity = row['velocity_forward_backward']  # One device, best batch vs best batch.
   assert velocity['ours_1device_s'] == 0.3 and velocity['ours_best'] == 'b=2'
   assert velocity['ratio_best'] == pytest.approx(0.25 / 0.8)
+  assert velocity['convolution_ratio_best'] == pytest.approx(0.12 / 0.8)  # Kernels alone.
   assert summary['device_scaling']['64x64x64/2'] == pytest.approx(2.0 / 1.6)
   assert summary['training_consumption_samples_per_s'] == pytest.approx(1 / 1.6)
   met = [(' '.join(g['goal'].split(' ')[:3]), g['met']) for g in summary['goals']]
@@ -132,7 +136,9 @@ def test_summarize_ratios_and_goals():
                  ('train step s/sample', False), ('forecast latency at', False),
                  ('forecast latency at', True), ('train samples/s 2', True), ('pipeline cached pairs/s', True),
                  ('pipeline cold (parallel', True), ('pipeline cold (one', False)]
-  assert 'error: boom' in benchmark_report.format_tables(results)
+  tables = benchmark_report.format_tables(results)
+  assert 'error: boom' in tables
+  assert '| benchmark | 64x64x64 | 0.12 | 0.05 | 0.03 | 0.2 | 0.6 | 0.15 |' in tables
 
 
 def test_parse_size():
@@ -189,6 +195,10 @@ def test_velocity_network_task_with_prior(fast_compiles):
     assert set(r['by_batch']) == {'1', '2'} and r['per_sample_s'] == min(r['by_batch'].values())
     _positive(r, 'flops')
     _positive(r, 'gflop_per_s')
+  ops = result['forward_backward']['op_time_per_sample_s']  # Profiled at the best batch.
+  _positive(ops, 'convolution')
+  assert ops['total'] == pytest.approx(ops['convolution'] + ops['layout'] + ops['other'])
+  assert sum(ops[f'share_{k}'] for k in ('convolution', 'layout', 'other')) == pytest.approx(1)
 
 
 def test_random_batch_carries_prior_inputs():
