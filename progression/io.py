@@ -251,6 +251,11 @@ def write_folder(out_dir: PathLike, writers: Mapping[str, Callable[[Path], None]
   return [out / name for name in names]
 
 
+def write_text_atomic(path: PathLike, text: str) -> Path:
+  """Writes `text` to `path` through a temporary file and a rename (complete or untouched)."""
+  return _atomic_write(Path(path), lambda tmp: Path(tmp).write_text(text))
+
+
 def _atomic_write(path: Path, write) -> Path:
   """Runs `write(tmp)` on a temporary file beside `path`, then renames it onto `path`.
 

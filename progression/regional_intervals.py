@@ -16,7 +16,7 @@ import numpy as np
 import pandas as pd
 
 from progression import cohort, covariates, regional_model
-from progression.evaluation import baselines
+from progression.evaluation import baselines, visit_volumes
 
 
 def conformity_scores(model: regional_model.RegionalModel, table: pd.DataFrame,
@@ -89,14 +89,16 @@ def calibrate(model: regional_model.RegionalModel, table: pd.DataFrame,
 
 
 def fit_on_pairs(train: pd.DataFrame, val: pd.DataFrame, volume_method: str, seed: int = 0,
-                 progress=None) -> regional_model.RegionalModel:
+                 progress=None, known: visit_volumes.VisitVolumes | None = None
+                 ) -> regional_model.RegionalModel:
   """Measures the pairs' volumes, fits on `train` and calibrates the intervals on `val`.
 
   `train` and `val` are `cohort.make_pairs` tables (either may carry a progress bar through
-  `progress(done, total)` while their visits are measured).
+  `progress(done, total)` while their visits are measured); visits in `known` are not
+  measured again (see `baselines.training_volume_table`).
   """
   def measured(pairs):
-    table = baselines.training_volume_table(pairs, volume_method, progress)
+    table = baselines.training_volume_table(pairs, volume_method, progress, known)
     return table, [cohort.covariates_of(row) for row in pairs.to_dict('records')]
   train_table, train_covs = measured(train)
   model = regional_model.fit(train_table, train_covs, volume_method, seed=seed)

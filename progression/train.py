@@ -23,7 +23,7 @@ from absl import logging
 from progression import (checkpoints, cohort, cohort_spec, covariates, input_pipeline, io,
                          metric_writers, parallel, preprocess, regional_intervals, regional_model,
                          steps)
-from progression.evaluation import baselines
+from progression.evaluation import baselines, visit_volumes
 from progression.errors import ProgressionError
 from progression.progress import ProgressBar
 from progression.models import generator
@@ -121,16 +121,20 @@ def loss_weights(config: ml_collections.ConfigDict) -> dict[str, float]:
   return {k: float(v) for k, v in config.loss.items()}
 
 
-def fit_regional_model(config: ml_collections.ConfigDict, data: ExperimentData
+def fit_regional_model(config: ml_collections.ConfigDict, data: ExperimentData,
+                       known: visit_volumes.VisitVolumes | None = None
                        ) -> regional_model.RegionalModel:
-  """The regional progression model of the experiment: fitted on train, calibrated on val."""
+  """The regional progression model of the experiment: fitted on train, calibrated on val
+  (visits in `known` are not measured again; new measurements are added to it)."""
   volume_method = baselines.volume_method_of(pd.concat([data.train, data.val]))
   return regional_intervals.fit_on_pairs(data.train, data.val, volume_method, seed=config.seed,
-                                     progress=ProgressBar('regional model: visits measured'))
+                                         progress=ProgressBar('regional model: visits measured'),
+                                         known=known)
 
 
 def fit_tissue_fallback(config: ml_collections.ConfigDict, data: ExperimentData,
-                        saved: Mapping[str, Any] | None = None
+                        saved: Mapping[str, Any] | None = None,
+                        known: visit_volumes.VisitVolumes | None = None
                         ) -> regional_model.RegionalModel | None:
   """A label-anchored experiment's regional model of tissue-model volumes (brain, GM, WM, CSF).
 
@@ -145,7 +149,7 @@ def fit_tissue_fallback(config: ml_collections.ConfigDict, data: ExperimentData,
     return regional_model.RegionalModel.from_dict(saved['tissue_regional_model'])
   return regional_intervals.fit_on_pairs(
       data.train, data.val, 'tissue', seed=config.seed,
-      progress=ProgressBar('tissue-model fallback: visits measured'))
+      progress=ProgressBar('tissue-model fallback: visits measured'), known=known)
 
 
 def experiment_metadata(config: ml_collections.ConfigDict, data: ExperimentData,
@@ -214,14 +218,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path
     config = _updated(config, 'loss', dice=0.0, volume=0.0)
   if config.model.prior:
     config = _updated(config, 'model', prior_source='labels' if has_labels else 'tissue')
-  regional = fit_regional_model(config, data) if config.model.prior else None
+  # Volumes measured for the regional models, kept for the evaluation (`visit_volumes`).
+  known = visit_volumes.VisitVolumes(visit_volumes.file_in(workdir))
+  regional = fit_regional_model(config, data, known) if config.model.prior else None
   checkpointer = checkpoints.Checkpointer(checkpoints.checkpoint_dir(workdir),
                                           keep=config.keep_checkpoints)
   resuming = checkpointer.latest_step() is not None
   saved = checkpointer.restore_metadata() if resuming else None
   if resuming:
     check_resumable(saved, config, checkpointer.directory)
-  tissue_regional = fit_tissue_fallback(config, data, saved)
+  tissue_regional = fit_tissue_fallback(config, data, saved, known)
   make_dataset = lambda pairs: input_pipeline.PairDataset(
       pairs, data.grid, cache_dir, data.normalizer, regional,
       registration_spec=data.registration)

@@ -15,7 +15,7 @@ import pytest
 from progression import cohort
 from progression import labels as L
 from progression.errors import ProgressionError
-from progression.evaluation import report
+from progression.evaluation import report, visit_volumes
 from tests.conftest import tiny_config
 
 REPO = Path(__file__).resolve().parents[1]
@@ -179,9 +179,13 @@ def test_tissue_volumes_evaluate_t1w_only_forecasts_of_a_labelled_cohort(
     evaluate_module, trained_workdir, synthetic_cohort, tmp_path):
   """--volume_method=tissue: every method on the tissue model's regions, the model without
   label maps (its tissue-model fallback), the regional row the checkpoint's tissue model."""
-  outputs = evaluate_module.evaluate_checkpoint(trained_workdir, tmp_path / 'out',
+  store = trained_workdir / visit_volumes.FILE_NAME  # Training's measurements, read here.
+  measured = store.read_text()
+  assert '"tissue:' in measured and '"labels:' in measured
+  outputs = evaluate_module.evaluate_checkpoint(trained_workdir / 'checkpoints', tmp_path / 'out',
                                                 cohort_root=synthetic_cohort,
                                                 volume_method='tissue', num_examples=0)
+  assert store.read_text() == measured  # Never written by an evaluation.
   rows = pd.read_csv(outputs.files['pairs.csv'])
   assert set(rows.region) == {'brain', 'csf', 'gray_matter', 'white_matter'}
   assert set(rows.volume_method) == {'tissue'}

@@ -27,7 +27,7 @@ import pandas as pd
 
 from progression import cohort, covariates, io
 from progression.errors import ProgressionError
-from progression.evaluation import tissue, volumes
+from progression.evaluation import tissue, visit_volumes, volumes
 
 # Tissue "regions" when a cohort has no label maps: classes of `tissue.segment_tissue`
 # (the same names and classes as `progression.forecast.TISSUE_CLASSES`).
@@ -266,22 +266,33 @@ def _pooled_age_slope(rate: np.ndarray, age: np.ndarray, diagnosis: np.ndarray) 
 
 
 def training_volume_table(pairs: pd.DataFrame, volume_method: str,
-                          progress: Callable[[int, int], None] | None = None
-                          ) -> pd.DataFrame:
+                          progress: Callable[[int, int], None] | None = None,
+                          known: visit_volumes.VisitVolumes | None = None) -> pd.DataFrame:
   """Measures the baseline and follow-up volumes of training pairs -> `FIT_COLUMNS` rows.
 
-  Each visit is measured once, however many pairs it belongs to. `progress(done, total)`
-  is called after each pair.
+  Each visit is measured once, however many pairs it belongs to, and not at all when `known`
+  holds its volumes (new measurements are added to `known` and saved). `progress(done,
+  total)` is called after each pair.
   """
-  measured: dict[tuple, dict[str, float]] = {}
+  known = visit_volumes.VisitVolumes(None) if known is None else known
+  labels_method = volume_method == 'labels'
 
   def visit_ml(image_path: Any, labels_path: Any) -> dict[str, float]:
-    key = (optional_text(image_path), optional_text(labels_path))
-    if key not in measured:
-      labels = None if key[1] is None else io.load_labels(key[1])
-      image = io.load_image(key[0]) if volume_method == 'tissue' else None
-      measured[key] = measure_volumes_ml(image, labels, volume_method)
-    return measured[key]
+    image_path, labels_path = optional_text(image_path), optional_text(labels_path)
+    measured_file = labels_path if labels_method else image_path
+    if measured_file is None:
+      raise ProgressionError(f'{image_path or labels_path or "<visit>"}: volume method '
+                             f'"{volume_method}" needs '
+                             + ('a label map' if labels_method else 'the image'))
+    key = known.key(volume_method, measured_file)
+    volumes_ml = None if key is None else known.get(key)
+    if volumes_ml is None:
+      volume = (io.load_labels if labels_method else io.load_image)(measured_file)
+      volumes_ml = measure_volumes_ml(None if labels_method else volume,
+                                      volume if labels_method else None, volume_method)
+      if key is not None:
+        known.put(key, volumes_ml)
+    return volumes_ml
 
   records = []
   rows = pairs.to_dict('records')
@@ -294,6 +305,7 @@ def training_volume_table(pairs: pd.DataFrame, volume_method: str,
                 for region in v0]
     if progress is not None:
       progress(done, len(rows))
+  known.save()
   return pd.DataFrame.from_records(records, columns=['subject', *FIT_COLUMNS])
 
 

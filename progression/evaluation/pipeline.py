@@ -18,7 +18,7 @@ from absl import logging
 from progression import checkpoints, cohort, forecast, io, regional_intervals, train
 from progression.progress import ProgressBar
 from progression.errors import ProgressionError
-from progression.evaluation import baselines, references, report
+from progression.evaluation import baselines, references, report, visit_volumes
 
 
 class ForecasterMethod:
@@ -67,6 +67,12 @@ def checkpoint_config(checkpoint: str | Path, step: int | None = None
   return ml_collections.ConfigDict(metadata['config']), metadata
 
 
+def training_workdir(checkpoint: str | Path) -> Path:
+  """The training workdir of `checkpoint` (given as the workdir or its checkpoints/)."""
+  path = Path(checkpoint)
+  return path.parent if path.name == checkpoints.CHECKPOINT_SUBDIR else path
+
+
 def evaluate_checkpoint(checkpoint: str | Path, out: str | Path, split: str = 'test',
                         cohort_spec: str | None = None, cohort_root: str | Path | None = None,
                         overwrite: bool = False, step: int | None = None,
@@ -102,15 +108,18 @@ def evaluate_checkpoint(checkpoint: str | Path, out: str | Path, split: str = 't
                                                         and available != 'labels'):
     raise ProgressionError(f'{where}: volume method {volume_method!r} is not available (one '
                            f'of {baselines.VOLUME_METHODS}; labels need every pair\'s maps)')
+  known = visit_volumes.VisitVolumes(visit_volumes.file_in(training_workdir(checkpoint)),
+                                     writable=False)  # What training measured, read only.
   rates = baselines.fit_population_rates(
       baselines.training_volume_table(data.train, volume_method,
-                                      ProgressBar('training pairs measured')), volume_method)
+                                      ProgressBar('training pairs measured'), known),
+      volume_method)
   forecaster = forecast.Forecaster.from_checkpoint(checkpoint, step)
   regional = next((m for m in (forecaster.regional, forecaster.tissue_regional)
                    if m is not None and m.volume_method == volume_method), None)
   if regional is None:
     regional = regional_intervals.fit_on_pairs(data.train, data.val, volume_method,
-                                           seed=config.seed)
+                                               seed=config.seed, known=known)
   methods = [ForecasterMethod(forecaster, volume_method),
              baselines.RegionalModelBaseline(regional),
              baselines.PopulationRateBaseline(rates),
