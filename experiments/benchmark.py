@@ -3,6 +3,7 @@
   python -m experiments.benchmark --out=benchmark.json
   python -m experiments.benchmark --sizes=32,64,120x144x120 --devices=1,2 --repetitions=5
   python -m experiments.benchmark --standard_devices= ...   # skip the standard experiment
+  bash experiments/gpu_benchmark.sh OUT_DIR                  # on a GPU host (--accelerator)
 
 What is measured (medians of `--repetitions` calls after `--warmup` untimed ones; the first
 call and the compile are timed apart):
@@ -23,7 +24,10 @@ call and the compile are timed apart):
   * the velocity network alone (covariate MLP + U-Net + head) forward and forward+backward
     at batch 1 and 2, at the first --torch_sizes grid and the standard one;
   * PyTorch + MONAI (`experiments/torch_reference.py`, the `bench` extra): the same
-    generator and velocity network, and the ratios ours / PyTorch; skipped without torch.
+    generator and velocity network, and the ratios ours / PyTorch; skipped without torch;
+  * with --accelerator (for a GPU host; `experiments/gpu_benchmark.sh`): the standard
+    config's train step in bfloat16 against the chip's bf16 peak, forecast latency and
+    float32 vs bfloat16 regional volumes (`benchmark_tasks.accelerator_task`).
 With `model.prior` (the default) our generator computes the regional prior field inside
 the forward pass, so the generator and train-step times include it; the PyTorch generator
 has no prior (its network sees the prior's rates as conditioning, as ours).
@@ -87,6 +91,11 @@ class Options:
   torch_batches: tuple[int, ...] = (1, 2)  # PyTorch picks oneDNN convs only for batch > 1.
   # Ours: the velocity network alone runs at these batches too (best batch vs best batch).
   matmul_n: int | None = None  # Matmul peak size; None: 2048 on CPU, 8192 on GPU.
+  # The accelerator goals (`benchmark_tasks.accelerator_task`, the standard config in bf16):
+  # for a GPU host; on CPU they run too, slowly, and the GPU goals stay "not measured".
+  accelerator: bool = False
+  accelerator_forecast_size: Shape = (120, 144, 120)
+  velocity_head_std: float = 0.003  # Moves regional volumes by up to ~4 % in 3 years.
   worker_timeout_s: float = 1200.0
   # XLA's persistent compilation cache for the workers (None: off; an existing
   # JAX_COMPILATION_CACHE_DIR wins). Compiles read from it are flagged in the results.
@@ -239,6 +248,13 @@ def run_benchmark(config, options: Options, out: str | Path | None = None,
     results['pipeline'] = {'source': size_name(options.pipeline_source),
                            'grid': size_name(config.grid.shape),
                            **run_worker('pipeline', spec, 1, options)}
+  if options.accelerator:
+    log('accelerator goals (bf16 train step, forecast latency, float32 vs bfloat16)')
+    spec = {'config': standard_json or config_json, 'voxel_mm': options.input_voxel_mm,
+            'forecast_size': options.accelerator_forecast_size, 'years': [3.0],
+            'repetitions': options.repetitions, 'warmup': options.warmup,
+            'velocity_head_std': options.velocity_head_std}
+    results['accelerator'] = run_worker('accelerator', spec, 1, options)
   if options.torch:
     log('PyTorch + MONAI reference')
     results['torch'] = run_torch(config, options.torch_sizes, options)
@@ -293,6 +309,11 @@ _CACHE_DIR = flags.DEFINE_string(
     'compilation_cache_dir', Options.compilation_cache_dir,
     'Persistent XLA compilation cache of the workers (empty: off, to time every compile).')
 _MATMUL_N = flags.DEFINE_integer('matmul_n', 0, 'Matmul peak size n (0: 2048 CPU, 8192 GPU).')
+_ACCELERATOR = flags.DEFINE_boolean(
+    'accelerator', False, 'Measure the accelerator goals (bf16 train step of the standard '
+    'config, forecast latency, float32 vs bfloat16 volumes); meant for a GPU host.')
+_ACCELERATOR_FORECAST_SIZE = flags.DEFINE_string(
+    'accelerator_forecast_size', '120x144x120', 'Input grid of the accelerator forecasts.')
 _OUT = flags.DEFINE_string('out', 'benchmark.json', 'Results as JSON.')
 _WORKER = flags.DEFINE_string('worker', None, 'Internal: run one measurement (JSON spec).')
 
@@ -308,7 +329,9 @@ def options_from_flags() -> Options:
       pipeline_subjects=_PIPELINE_SUBJECTS.value, torch=_TORCH.value,
       torch_sizes=sizes(_TORCH_SIZES.value),
       torch_batches=tuple(int(b) for b in _TORCH_BATCHES.value),
-      matmul_n=_MATMUL_N.value or None, compilation_cache_dir=_CACHE_DIR.value or None)
+      matmul_n=_MATMUL_N.value or None, compilation_cache_dir=_CACHE_DIR.value or None,
+      accelerator=_ACCELERATOR.value,
+      accelerator_forecast_size=parse_size(_ACCELERATOR_FORECAST_SIZE.value))
 
 
 def main(argv):

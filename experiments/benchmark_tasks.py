@@ -274,5 +274,95 @@ def matmul_task(spec: dict) -> dict:
           'gflop_per_s': 2 * n ** 3 / timing['median_s'] / 1e9, **timing}
 
 
+# Dense bfloat16 tensor-core peaks (FLOP/s) from the vendors' data sheets, by device kind.
+NOMINAL_BF16_PEAK = {'H200': 989e12, 'H100': 989e12, 'A100': 312e12, 'L40S': 362e12,
+                     'L4': 121e12, 'A10': 125e12}
+
+
+def nominal_bf16_peak(device_kind: str) -> float | None:
+  """The data-sheet bf16 peak (FLOP/s) of a device kind such as 'NVIDIA H100 80GB HBM3'."""
+  return next((peak for name, peak in NOMINAL_BF16_PEAK.items()
+               if name in device_kind.upper().split()
+               or any(word.startswith(name + '-') for word in device_kind.upper().split())),
+              None)
+
+
+def accelerator_task(spec: dict) -> dict:
+  """The accelerator goals on this process's backend (meant for a GPU; runs anywhere):
+
+  * the standard experiment's train step in bfloat16 (`model.dtype`), its XLA FLOPs / time
+    against the chip's bf16 peak (data sheet, else a measured bf16 matmul);
+  * forecast latency at `spec['forecast_size']` (float32 and bfloat16 models);
+  * float32 vs bfloat16 forecasts of the same parameters: regional volumes after
+    `spec['years']` years, with the prior off and the velocity head's kernel drawn with
+    standard deviation `spec['velocity_head_std']`, so the network alone moves the volumes
+    (with the prior on, an untrained residual is zero and both precisions give the float32
+    prior's volumes).
+  """
+  import jax
+  import jax.numpy as jnp
+  import ml_collections
+  device = jax.devices()[0]
+  result = {'backend': jax.default_backend(), 'device_kind': device.device_kind,
+            'forecast_size': list(spec['forecast_size'])}
+  bf16 = ml_collections.ConfigDict(spec['config'])
+  bf16.model.dtype = 'bfloat16'
+  train = generator_task({'config': bf16.to_dict(), 'size': tuple(bf16.grid.shape),
+                          'devices': jax.local_device_count(), 'repetitions': spec['repetitions'],
+                          'warmup': spec['warmup']})
+  result['train_bf16'] = train.get('train', train)
+  n = 8192 if result['backend'] != 'cpu' else 1024
+  a = jax.random.normal(jax.random.PRNGKey(0), (n, n), jnp.bfloat16)
+  dot = jax.jit(jnp.dot)
+  timing = time_calls(lambda: jax.block_until_ready(dot(a, a)), 5, 2)
+  result['bf16_matmul_flops_per_s'] = 2 * n ** 3 / timing['median_s']
+  result['bf16_peak_flops_per_s'] = (nominal_bf16_peak(device.device_kind)
+                                     or result['bf16_matmul_flops_per_s'])
+  flops, seconds = result['train_bf16'].get('flops'), result['train_bf16'].get('median_s')
+  if flops and seconds:
+    result['train_bf16_fraction_of_peak'] = flops / seconds / result['bf16_peak_flops_per_s']
+  result.update(_precision_forecasts(spec))
+  return result
+
+
+def _precision_forecasts(spec: dict) -> dict:
+  """Forecast latency and regional volumes of float32 and bfloat16 models (same params)."""
+  import jax
+  import ml_collections
+  from progression import cohort, covariates, forecast, synthetic, train
+
+  config = ml_collections.ConfigDict(spec['config'])
+  config.model.prior = False
+  params = train.create_train_state(config, jax.random.PRNGKey(config.seed)).params
+  head = params['velocity_head']  # Redrawn at an atrophy-sized scale (training starts ~0).
+  params = {**params, 'velocity_head': {**head, 'kernel': spec['velocity_head_std'] * (
+      jax.random.normal(jax.random.PRNGKey(1), head['kernel'].shape))}}
+  normalizer = covariates.CovariateNormalizer(age_mean=73.0, age_std=7.0,
+                                              education_mean=16.0, education_std=3.0)
+  out = {}
+  with tempfile.TemporaryDirectory() as tmp:
+    root = synthetic.make_cohort(Path(tmp) / 'cohort', n_subjects=1,
+                                 shape=tuple(spec['forecast_size']), voxel_mm=spec['voxel_mm'],
+                                 n_visits=2, seed=0, workers=1)
+    first = cohort.read_visits(cohort.load_spec('synthetic'), root).iloc[0]
+    image, label_map, cov = first['image_path'], first['labels_path'], cohort.covariates_of(first)
+    forecasts = {}
+    for dtype in ('float32', 'bfloat16'):
+      config.model.dtype = dtype
+      forecaster = forecast.Forecaster(config, params, normalizer)
+      run = lambda: forecaster.forecast(image, cov, list(spec['years']), labels=label_map)
+      out[f'forecast_{dtype}'] = time_calls(run, spec['repetitions'], spec['warmup'])
+      forecasts[dtype] = run()[-1]
+  f32, b16 = forecasts['float32'].volumes_ml, forecasts['bfloat16'].volumes_ml
+  v0 = forecasts['float32'].baseline_volumes_ml
+  out['volumes_ml'] = {'baseline': v0, 'float32': f32, 'bfloat16': b16}
+  out['max_relative_volume_difference'] = max(abs(b16[r] - f32[r]) / f32[r] for r in f32)
+  # The same difference as a share of float32's predicted change (a stricter reading).
+  out['max_difference_of_change'] = max(abs(b16[r] - f32[r]) / max(abs(f32[r] - v0[r]), 1e-9)
+                                        for r in f32)
+  out['max_relative_change_float32'] = max(abs(f32[r] - v0[r]) / v0[r] for r in f32)
+  return out
+
+
 TASKS = {'generator': generator_task, 'forecast': forecast_task, 'pipeline': pipeline_task,
-         'matmul': matmul_task}
+         'matmul': matmul_task, 'accelerator': accelerator_task}

@@ -251,3 +251,28 @@ def test_torch_reference_matches_generator(fast_compiles):
   np.testing.assert_allclose(theirs['jacobian'].numpy(), ours['jacobian'], atol=2e-4)
   our_loss, _ = jax.jit(functools.partial(losses.total_loss, weights=weights))(ours, batch)
   np.testing.assert_allclose(float(their_loss), float(np.mean(our_loss)), rtol=1e-4)
+
+
+def test_accelerator_task_runs_on_cpu(fast_compiles):
+  """The accelerator goals' measurements (meant for a GPU) on this CPU at a tiny size: a bf16
+  train step with FLOPs and a share of the bf16 peak, float32 and bfloat16 forecasts of the
+  same parameters whose volumes the network moved and which agree to bf16 precision."""
+  config = tiny_config('', **{'loss.dice': 0.0, 'loss.volume': 0.0})
+  result = benchmark_tasks.accelerator_task(
+      {'config': config.to_dict(), 'forecast_size': list(TINY), 'voxel_mm': 8.0, 'years': [3.0],
+       'repetitions': 1, 'warmup': 0, 'velocity_head_std': 0.003})
+  assert result['backend'] == 'cpu' and result['forecast_size'] == list(TINY)
+  _positive(result, 'train_bf16', 'flops')
+  assert 0 < result['train_bf16_fraction_of_peak'] < 1
+  _positive(result, 'forecast_float32', 'median_s')
+  _positive(result, 'forecast_bfloat16', 'median_s')
+  assert result['max_relative_change_float32'] > 1e-3  # The network moved the volumes ...
+  assert result['max_relative_volume_difference'] < 0.01  # ... the same way in bf16.
+  volumes = result['volumes_ml']
+  assert volumes['float32'] != volumes['bfloat16']  # Two precisions really ran.
+  # On a CPU host the GPU goals stay unmeasured; on a GPU they are read from this task.
+  assert benchmark_report._gpu_values({'accelerator': result}) == [None, None, None]
+  gpu = {**result, 'backend': 'gpu', 'forecast_size': [120, 144, 120],
+         'train_bf16_fraction_of_peak': 0.3, 'forecast_float32': {'median_s': 0.08},
+         'forecast_bfloat16': {'median_s': 0.04}, 'max_relative_volume_difference': 2e-4}
+  assert benchmark_report._gpu_values({'accelerator': gpu}) == [0.3, 0.04, 2e-4]
