@@ -188,23 +188,33 @@ def _velocity_network(config, params, spec) -> dict:
   return result
 
 
+def _normalizer():
+  """A fixed covariate normalisation for the synthetic subjects (no training cohort here)."""
+  from progression import covariates
+  return covariates.CovariateNormalizer(age_mean=73.0, age_std=7.0, education_mean=16.0,
+                                        education_std=3.0)
+
+
+def synthetic_subject(folder: Path, size: Sequence[int], voxel_mm: float) -> tuple:
+  """(image path, label map path, covariates) of a one-subject synthetic cohort in `folder`."""
+  from progression import cohort, synthetic
+  root = synthetic.make_cohort(folder / 'cohort', n_subjects=1, shape=tuple(size),
+                               voxel_mm=voxel_mm, n_visits=2, seed=0, workers=1)
+  first = cohort.read_visits(cohort.load_spec('synthetic'), root).iloc[0]
+  return first['image_path'], first['labels_path'], cohort.covariates_of(first)
+
+
 def forecast_task(spec: dict) -> dict:
   """`Forecaster.forecast` latency on a synthetic NIfTI of `spec['size']` voxels."""
   import jax
   import ml_collections
-  from progression import cohort, covariates, forecast, synthetic, train
+  from progression import forecast, train
 
   config = ml_collections.ConfigDict(spec['config'])
   with tempfile.TemporaryDirectory() as tmp:
-    root = synthetic.make_cohort(Path(tmp) / 'cohort', n_subjects=1, shape=tuple(spec['size']),
-                                 voxel_mm=spec['voxel_mm'], n_visits=2, seed=0, workers=1)
-    first = cohort.read_visits(cohort.load_spec('synthetic'), root).iloc[0]
-    image, label_map = first['image_path'], first['labels_path']
-    cov = cohort.covariates_of(first)
-    normalizer = covariates.CovariateNormalizer(age_mean=73.0, age_std=7.0,
-                                                education_mean=16.0, education_std=3.0)
+    image, label_map, cov = synthetic_subject(Path(tmp), spec['size'], spec['voxel_mm'])
     state = train.create_train_state(config, jax.random.PRNGKey(config.seed))
-    forecaster = forecast.Forecaster(config, state.params, normalizer)
+    forecaster = forecast.Forecaster(config, state.params, _normalizer())
     years = list(spec['years'])
     reps, warmup = spec['repetitions'], spec['warmup']
     result = {'model_grid': list(config.grid.shape), 'years': years,
@@ -292,7 +302,8 @@ def accelerator_task(spec: dict) -> dict:
 
   * the standard experiment's train step in bfloat16 (`model.dtype`), its XLA FLOPs / time
     against the chip's bf16 peak (data sheet, else a measured bf16 matmul);
-  * forecast latency at `spec['forecast_size']` (float32 and bfloat16 models);
+  * forecast latency at `spec['forecast_size']` (float32 and bfloat16 models as configured,
+    the prior included);
   * float32 vs bfloat16 forecasts of the same parameters: regional volumes after
     `spec['years']` years, with the prior off and the velocity head's kernel drawn with
     standard deviation `spec['velocity_head_std']`, so the network alone moves the volumes
@@ -326,33 +337,37 @@ def accelerator_task(spec: dict) -> dict:
 
 
 def _precision_forecasts(spec: dict) -> dict:
-  """Forecast latency and regional volumes of float32 and bfloat16 models (same params)."""
+  """Forecast latency of float32 and bfloat16 models as configured, and regional volumes of
+  both precisions with the prior off and the velocity head redrawn (same parameters)."""
   import jax
   import ml_collections
-  from progression import cohort, covariates, forecast, synthetic, train
+  from progression import forecast, train
 
-  config = ml_collections.ConfigDict(spec['config'])
-  config.model.prior = False
-  params = train.create_train_state(config, jax.random.PRNGKey(config.seed)).params
-  head = params['velocity_head']  # Redrawn at an atrophy-sized scale (training starts ~0).
-  params = {**params, 'velocity_head': {**head, 'kernel': spec['velocity_head_std'] * (
+  def forecaster(config, dtype, params):
+    config = ml_collections.ConfigDict(config.to_dict())
+    config.model.dtype = dtype
+    return forecast.Forecaster(config, params, _normalizer())
+
+  deployed = ml_collections.ConfigDict(spec['config'])
+  network_only = ml_collections.ConfigDict(spec['config'])
+  network_only.model.prior = False
+  params = train.create_train_state(deployed, jax.random.PRNGKey(deployed.seed)).params
+  moving = train.create_train_state(network_only, jax.random.PRNGKey(deployed.seed)).params
+  head = moving['velocity_head']  # Redrawn at an atrophy-sized scale (training starts ~0).
+  moving = {**moving, 'velocity_head': {**head, 'kernel': spec['velocity_head_std'] * (
       jax.random.normal(jax.random.PRNGKey(1), head['kernel'].shape))}}
-  normalizer = covariates.CovariateNormalizer(age_mean=73.0, age_std=7.0,
-                                              education_mean=16.0, education_std=3.0)
-  out = {}
+  years = list(spec['years'])
+  out, forecasts = {}, {}
   with tempfile.TemporaryDirectory() as tmp:
-    root = synthetic.make_cohort(Path(tmp) / 'cohort', n_subjects=1,
-                                 shape=tuple(spec['forecast_size']), voxel_mm=spec['voxel_mm'],
-                                 n_visits=2, seed=0, workers=1)
-    first = cohort.read_visits(cohort.load_spec('synthetic'), root).iloc[0]
-    image, label_map, cov = first['image_path'], first['labels_path'], cohort.covariates_of(first)
-    forecasts = {}
+    image, label_map, cov = synthetic_subject(Path(tmp), spec['forecast_size'], spec['voxel_mm'])
     for dtype in ('float32', 'bfloat16'):
-      config.model.dtype = dtype
-      forecaster = forecast.Forecaster(config, params, normalizer)
-      run = lambda: forecaster.forecast(image, cov, list(spec['years']), labels=label_map)
-      out[f'forecast_{dtype}'] = time_calls(run, spec['repetitions'], spec['warmup'])
-      forecasts[dtype] = run()[-1]
+      timed = forecaster(deployed, dtype, params)
+      out[f'forecast_{dtype}'] = time_calls(
+          lambda: timed.forecast(image, cov, years, labels=label_map), spec['repetitions'],
+          spec['warmup'])
+      [*_, last] = forecaster(network_only, dtype, moving).forecast(image, cov, years,
+                                                                    labels=label_map)
+      forecasts[dtype] = last
   f32, b16 = forecasts['float32'].volumes_ml, forecasts['bfloat16'].volumes_ml
   v0 = forecasts['float32'].baseline_volumes_ml
   out['volumes_ml'] = {'baseline': v0, 'float32': f32, 'bfloat16': b16}
