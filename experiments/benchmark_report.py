@@ -271,8 +271,8 @@ def format_tables(results: dict) -> str:
             acc.get('max_relative_volume_difference'), acc.get('max_difference_of_change')]
            if 'error' not in acc else [acc.get('backend', '?'), 'error: ' + acc['error'][-300:]]
            + [''] * 9)
-    out.append('Accelerator measurements (standard config; train step in bfloat16; forecasts '
-               'of the same parameters in float32 and bfloat16, prior off)\n' + _table(
+    out.append('Accelerator measurements (standard config: train step in bfloat16; forecast '
+               'latency as configured; volumes of float32 vs bfloat16, prior off)\n' + _table(
                    ['backend', 'device', 'bf16 train s/sample', 'TFLOP/s', 'bf16 peak TFLOP/s',
                     'of peak', 'forecast input', 'forecast f32 s', 'forecast bf16 s',
                     'volumes max rel. difference', 'of the predicted change'], [row]))
