@@ -81,12 +81,10 @@ def fit(features: np.ndarray, targets: Mapping[str, Sequence[float]],
   fractions of `anatomy_regions`), `targets` region -> `[pairs]` annual log changes (1/year).
   """
   fill = np.nanmean(np.where(np.isnan(features).all(axis=0), 0.0, features), axis=0)
-  x = np.where(np.isnan(features), fill, features)
-  mean, sd = x.mean(axis=0), x.std(axis=0)
-  scale = np.where(sd > 1e-9, sd, 1.0)
-  design = np.concatenate([np.ones((len(x), 1)), (x - mean) / scale], axis=1)
+  design, mean, scale = regional_ridge.standardized_design(
+      np.where(np.isnan(features), fill, features))
   penalties = regional_ridge.penalty_vector(PENALTY, 1.0, np.zeros(design.shape[1], bool))
-  weights = np.ones(len(x))
+  weights = np.ones(len(design))
   coefficients = {r: tuple(float(b) for b in regional_ridge.ridge(design, np.asarray(y),
                                                                    weights, penalties))
                   for r, y in targets.items()}

@@ -285,10 +285,7 @@ def fit(table: pd.DataFrame, pair_covariates: Sequence[covariates.Covariates],
     for cov, baseline in zip(covs, pairs['baseline'].tolist()):
       rows.append(regional_features.feature_vector(
           cov if copy == 0 else _masked(cov, rng), baseline, anatomy, volume_method, fill))
-  x = np.stack(rows)
-  mean = x.mean(axis=0)
-  scale = np.where(x.std(axis=0) > 1e-9, x.std(axis=0), 1.0)
-  design = np.concatenate([np.ones((len(x), 1)), (x - mean) / scale], axis=1)
+  design, mean, scale = regional_ridge.standardized_design(np.stack(rows))
   years = np.tile(pairs['years'].to_numpy(), 1 + AUGMENT_COPIES)
   per_subject = pairs.groupby('subject')['pair'].transform('count').to_numpy()
   share = np.tile(1.0 / per_subject, 1 + AUGMENT_COPIES) / (1 + AUGMENT_COPIES)

@@ -1,14 +1,23 @@
 """The regional model's solver: weighted ridge fits and their cross-validated settings.
 
-`regional_model.fit` builds one design matrix (intercept, standardised features, covariate-
-dropout copies after the original rows) and, per region, an annual log rate `y`; these
-functions choose the ridge settings by subject-grouped cross-validation, fit the coefficients
-and estimate the two variance components of the residuals (rate and one-visit measurement).
+`regional_model.fit` builds one design matrix (`standardized_design`: intercept, standardised
+features; covariate-dropout copies after the original rows) and, per region, an annual log
+rate `y`; these functions choose the ridge settings by subject-grouped cross-validation, fit
+the coefficients and estimate the two variance components of the residuals (rate and
+one-visit measurement). `regional_compact` fits its plain ridge with the same pieces.
 """
 
 from collections.abc import Sequence
 
 import numpy as np
+
+
+def standardized_design(x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """Design matrix [1, (x - mean) / scale] of raw features `x` [rows, p], with the mean and
+  scale (the sd; 1 for a constant column) that a prediction must apply the same way."""
+  mean, sd = x.mean(axis=0), x.std(axis=0)
+  scale = np.where(sd > 1e-9, sd, 1.0)
+  return np.concatenate([np.ones((len(x), 1)), (x - mean) / scale], axis=1), mean, scale
 
 
 def penalty_vector(penalty: float, factor: float, interacting: np.ndarray) -> np.ndarray:
