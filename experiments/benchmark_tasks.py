@@ -273,11 +273,12 @@ def pipeline_task(spec: dict) -> dict:
 
 
 def matmul_task(spec: dict) -> dict:
-  """Measured float32 matmul peak: median GFLOP/s of an n x n jnp.dot (n: 2048 CPU, 8192 GPU)."""
+  """Measured matmul peak: median GFLOP/s of an n x n jnp.dot in `spec['dtype']` (default
+  float32; n: `spec['n']`, else 2048 on CPU, 8192 on GPU)."""
   import jax
   import jax.numpy as jnp
   n = spec.get('n') or (2048 if jax.default_backend() == 'cpu' else 8192)
-  a = jax.random.normal(jax.random.PRNGKey(0), (n, n), jnp.float32)
+  a = jax.random.normal(jax.random.PRNGKey(0), (n, n), spec.get('dtype', 'float32'))
   dot = jax.jit(jnp.dot)
   timing = time_calls(lambda: jax.block_until_ready(dot(a, a)), spec['repetitions'], 2)
   return {'n': n, 'backend': jax.default_backend(), 'device': str(jax.devices()[0]),
@@ -311,7 +312,6 @@ def accelerator_task(spec: dict) -> dict:
     prior's volumes).
   """
   import jax
-  import jax.numpy as jnp
   import ml_collections
   device = jax.devices()[0]
   result = {'backend': jax.default_backend(), 'device_kind': device.device_kind,
@@ -322,11 +322,9 @@ def accelerator_task(spec: dict) -> dict:
                           'devices': jax.local_device_count(), 'repetitions': spec['repetitions'],
                           'warmup': spec['warmup']})
   result['train_bf16'] = train.get('train', train)
-  n = 8192 if result['backend'] != 'cpu' else 1024
-  a = jax.random.normal(jax.random.PRNGKey(0), (n, n), jnp.bfloat16)
-  dot = jax.jit(jnp.dot)
-  timing = time_calls(lambda: jax.block_until_ready(dot(a, a)), 5, 2)
-  result['bf16_matmul_flops_per_s'] = 2 * n ** 3 / timing['median_s']
+  bf16_matmul = matmul_task({'repetitions': 5, 'dtype': 'bfloat16',
+                             'n': 8192 if result['backend'] != 'cpu' else 1024})
+  result['bf16_matmul_flops_per_s'] = bf16_matmul['gflop_per_s'] * 1e9
   result['bf16_peak_flops_per_s'] = (nominal_bf16_peak(device.device_kind)
                                      or result['bf16_matmul_flops_per_s'])
   flops, seconds = result['train_bf16'].get('flops'), result['train_bf16'].get('median_s')
