@@ -26,6 +26,19 @@ def checkpoint_dir(workdir: str | Path) -> Path:
   return Path(workdir).absolute() / CHECKPOINT_SUBDIR
 
 
+def folder_of(checkpoint: str | Path) -> Path:
+  """The folder of checkpoint steps, given a training workdir or that folder itself."""
+  sub = Path(checkpoint) / CHECKPOINT_SUBDIR
+  return sub if sub.is_dir() else Path(checkpoint)
+
+
+def workdir_of(checkpoint: str | Path) -> Path:
+  """The training workdir, given it or its checkpoints/ folder (what else training wrote
+  there, e.g. `evaluation.visit_volumes`, is found from it)."""
+  path = Path(checkpoint)
+  return path.parent if path.name == CHECKPOINT_SUBDIR else path
+
+
 class Checkpointer:
   """Thin wrapper over `orbax.checkpoint.CheckpointManager` with our two items."""
 

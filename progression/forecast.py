@@ -119,9 +119,8 @@ class Forecaster:
     path = Path(path)
     if not path.exists():
       raise ProgressionError(f'{path}: checkpoint not found')
-    sub = path / checkpoints.CHECKPOINT_SUBDIR
     with _absl_errors_only():  # orbax logs every restore step and warns about read-only.
-      checkpointer = checkpoints.Checkpointer(sub if sub.is_dir() else path, read_only=True)
+      checkpointer = checkpoints.Checkpointer(checkpoints.folder_of(path), read_only=True)
       try:
         metadata = checkpointer.restore_metadata(step)
         config, normalizer = _config_from_metadata(metadata, checkpointer.directory)

@@ -50,11 +50,10 @@ def checkpoint_config(checkpoint: str | Path, step: int | None = None
                       ) -> tuple[ml_collections.ConfigDict, dict]:
   """The experiment config and metadata saved with a checkpoint (workdir or checkpoints/)."""
   path = Path(checkpoint)
-  folder = path / checkpoints.CHECKPOINT_SUBDIR
   previous = logging.get_verbosity()
   logging.set_verbosity(logging.ERROR)  # orbax logs every step of opening a checkpoint.
   try:
-    checkpointer = checkpoints.Checkpointer(folder if folder.is_dir() else path, read_only=True)
+    checkpointer = checkpoints.Checkpointer(checkpoints.folder_of(path), read_only=True)
     try:
       metadata = checkpointer.restore_metadata(step)
     finally:
@@ -65,12 +64,6 @@ def checkpoint_config(checkpoint: str | Path, step: int | None = None
     raise ProgressionError(f'{path}: checkpoint metadata has no config; not a progression '
                            'training checkpoint?')
   return ml_collections.ConfigDict(metadata['config']), metadata
-
-
-def training_workdir(checkpoint: str | Path) -> Path:
-  """The training workdir of `checkpoint` (given as the workdir or its checkpoints/)."""
-  path = Path(checkpoint)
-  return path.parent if path.name == checkpoints.CHECKPOINT_SUBDIR else path
 
 
 def evaluate_checkpoint(checkpoint: str | Path, out: str | Path, split: str = 'test',
@@ -108,7 +101,7 @@ def evaluate_checkpoint(checkpoint: str | Path, out: str | Path, split: str = 't
                                                         and available != 'labels'):
     raise ProgressionError(f'{where}: volume method {volume_method!r} is not available (one '
                            f'of {baselines.VOLUME_METHODS}; labels need every pair\'s maps)')
-  known = visit_volumes.VisitVolumes(visit_volumes.file_in(training_workdir(checkpoint)),
+  known = visit_volumes.VisitVolumes(visit_volumes.file_in(checkpoints.workdir_of(checkpoint)),
                                      writable=False)  # What training measured, read only.
   rates = baselines.fit_population_rates(
       baselines.training_volume_table(data.train, volume_method,
