@@ -198,8 +198,10 @@ def format_tables(results: dict) -> str:
                  tr.get('flops') and tr['flops'] * g['devices'] / 1e9, tr.get('gflop_per_s'),
                  tr.get('fraction_of_matmul_peak'), _get(g, 'memory', 'maxrss_mib'),
                  compiled(fwd)])
+  impls = sorted({g['conv_impl'] for g in results.get('generator', []) if g.get('conv_impl')})
   out.append('Generator (s/sample, medians; fwd = generator forward, '
-             'train = fwd+losses+bwd+pmean+AdamW)\n' + _table(
+             'train = fwd+losses+bwd+pmean+AdamW; convolutions: '
+             f'{", ".join(impls) or "not recorded"})\n' + _table(
       ['config', 'grid', 'devices', 'fwd s', 'train s', 'train samples/s', 'train compile s',
        'GFLOP/step', 'GFLOP/s', 'of matmul peak', 'peak RSS MiB', 'fwd compile s'], rows))
   peak = results.get('matmul_peak') or {}
@@ -238,8 +240,8 @@ def format_tables(results: dict) -> str:
                f'({torch["runs"][0]["threads"]} threads), s/sample; ratio = ours / PyTorch\n'
                + _table(['config', 'grid', 'measure', 'ours 1 dev b=1', 'ours best', 'at',
                          'torch b=1', 'torch best', 'batch', 'ratio b=1', 'ratio best'], rows))
-    out.append('Velocity network GFLOP/s (XLA cost analysis FLOPs / time; each at its best '
-               'batch)\n' + _table(
+    out.append('Velocity network GFLOP/s (FLOPs: XLA cost analysis of the same network with '
+               "XLA's own convolutions; / time, each at its best batch)\n" + _table(
                    ['config', 'grid', 'measure', 'GFLOP/sample', 'ours GFLOP/s', 'torch GFLOP/s'],
                    [[r['model'], r['size'], names[k], r[k].get('gflop'),
                      r[k].get('ours_gflop_per_s'), r[k].get('torch_best_gflop_per_s')]
@@ -249,8 +251,9 @@ def format_tables(results: dict) -> str:
                 if _get(r, 'velocity_forward_backward', 'op_time_per_sample_s')]
     if profiled:
       out.append('Velocity network fwd+bwd op time by kind (s/sample at our best batch; XLA '
-                 'profile, experiments/op_profile.py; layout = transposes and copies with the '
-                 'work fused into them)\n' + _table(
+                 'profile, experiments/op_profile.py; convolution kernels = ours (compiled) and '
+                 "XLA's convolutions and dots; layout = transposes and copies with the work fused "
+                 'into them)\n' + _table(
                      ['config', 'grid', 'convolution kernels', 'layout', 'other', 'op total',
                       'convolution share', 'convolution kernels alone / PyTorch'],
                      [[r['model'], r['size'], c['op_time_per_sample_s']['convolution'],

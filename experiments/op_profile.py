@@ -4,7 +4,8 @@ The velocity network's gap to PyTorch (BENCHMARKS.md, goal 1) is either in the c
 kernels themselves or around them (layout transposes, normalisation, activations). This
 splits one compiled program's op time into
   * 'convolution': ops (or fusions) that contain a convolution or a dot, i.e. XLA's GEMM and
-    convolution kernels (XNNPACK/Eigen on CPU);
+    convolution kernels (XNNPACK/Eigen on CPU), and our compiled kernels' custom calls
+    (`progression.models.conv_kernels`);
   * 'layout': transposes and copies (operand re-layouts, e.g. for kernel gradients), with
     whatever elementwise work XLA fused into them;
   * 'other': everything else (elementwise, reductions, pads, slices, concatenations),
@@ -23,6 +24,7 @@ from typing import Any, Callable
 
 KINDS = ('convolution', 'layout', 'other')
 _INSTRUCTION = re.compile(r'^\s*(?:ROOT )?%([\w.\-]+) = \S+ ([\w\-]+)\((.*)$')
+_OUR_KERNELS = 'custom_call_target="progression_conv'
 _COMPUTATION = re.compile(r'^(?:ENTRY )?%([\w.\-]+) .*\{\s*$')
 
 
@@ -47,13 +49,13 @@ def instruction_kinds(hlo_text: str) -> dict[str, str]:
       name, op, rest = match.groups()
       body = ' '.join(' '.join(computations.get(c, []))
                       for c in re.findall(r'calls=%([\w.\-]+)', rest))
-      kinds[name] = _kind(op, body)
+      kinds[name] = _kind(op, body, rest)
   return kinds
 
 
-def _kind(op: str, fused_body: str) -> str:
+def _kind(op: str, fused_body: str, operands: str = '') -> str:
   text = f'{op}( {fused_body}'
-  if 'convolution(' in text or 'dot(' in text:
+  if 'convolution(' in text or 'dot(' in text or _OUR_KERNELS in operands:
     return 'convolution'
   if op in ('transpose', 'copy') or ' transpose(' in fused_body or ' copy(' in fused_body:
     return 'layout'

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from progression.errors import ProgressionError
-from progression.models import layers
+from progression.models import conv_kernels, layers
 
 TOL = dict(rtol=1e-5, atol=1e-5)
 
@@ -16,14 +16,16 @@ def _x(shape, seed=0):
   return jax.random.normal(jax.random.PRNGKey(seed), shape, jnp.float32)
 
 
-@pytest.mark.parametrize('impl', ['depth_taps', 'native', 'auto'])
-@pytest.mark.parametrize('shape', [(2, 7, 6, 5, 3), (1, 4, 8, 6, 2)])
-def test_conv3d_matches_nn_conv_values_and_grads(impl, shape):
+@pytest.mark.parametrize('impl', ['compiled', 'depth_taps', 'native', 'auto'])
+@pytest.mark.parametrize('shape,features', [((2, 7, 6, 5, 3), 4), ((1, 4, 8, 6, 8), 8)])
+def test_conv3d_matches_nn_conv_values_and_grads(impl, shape, features):
+  if impl == 'compiled' and not conv_kernels.available():
+    pytest.skip(conv_kernels.unavailable_reason())
   x = _x(shape)
-  ref = nn.Conv(4, (3, 3, 3), padding='SAME')
+  ref = nn.Conv(features, (3, 3, 3), padding='SAME')
   params = ref.init(jax.random.PRNGKey(1), x)
   params = jax.tree.map(lambda p: p + 0.1 * _x(p.shape, 3), params)  # non-zero bias
-  ours = layers.Conv3D(4, impl=impl)
+  ours = layers.Conv3D(features, impl=impl)
   ours_params = ours.init(jax.random.PRNGKey(2), x)
   assert jax.tree.map(jnp.shape, ours_params) == jax.tree.map(jnp.shape, params)
 
@@ -114,5 +116,7 @@ def test_space_to_depth_round_trip_and_block_order():
 
 
 def test_resolve_impl_auto_on_cpu():
-  assert layers.resolve_impl('auto') == 'depth_taps'  # tests run on CPU
+  # Tests run on CPU: our compiled kernels where they build, else the depth-tap form.
+  assert layers.resolve_impl('auto') == ('compiled' if conv_kernels.available() else 'depth_taps')
   assert layers.resolve_impl('native') == 'native'
+

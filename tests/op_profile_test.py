@@ -39,3 +39,15 @@ def test_op_time_by_kind_of_a_known_program():
   assert ops['convolution'] > 0 and ops['layout'] > 0
   assert ops['total'] == pytest.approx(ops['convolution'] + ops['layout'] + ops['other'])
   assert sum(ops[f'share_{k}'] for k in op_profile.KINDS) == pytest.approx(1.0)
+
+
+def test_our_compiled_kernels_count_as_convolution():
+  from progression.models import conv_kernels, layers
+  if not conv_kernels.available():
+    pytest.skip(conv_kernels.unavailable_reason())
+  x, k = jnp.ones((1, 6, 6, 6, 8)), jnp.ones((3, 3, 3, 8, 16))
+  grad = jax.grad(lambda k: jnp.sum(layers.conv3x3x3(x, k, 'compiled') ** 2))
+  kinds = op_profile.instruction_kinds(jax.jit(grad).lower(k).compile().as_text())
+  calls = [name for name in kinds if name.startswith('ffi_call')]
+  assert len(calls) == 2 and all(kinds[name] == 'convolution' for name in calls), kinds
+  assert op_profile._kind('custom-call', '', 'custom_call_target="other_library"') == 'other'

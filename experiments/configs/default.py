@@ -33,7 +33,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.model.num_squarings = 7  # Scaling-and-squaring steps of the exponential.
   config.model.max_velocity_voxels_per_year = 2.0  # tanh bound on |v| per component.
   config.model.intensity_residual = False  # Extra head for contrast change; off by default.
-  config.model.conv_impl = 'auto'  # 'auto' | 'depth_taps' (fast on CPU) | 'native'.
+  config.model.conv_impl = 'auto'  # 'auto' | 'compiled' (fastest on CPU) | 'depth_taps' | 'native'.
   config.model.dtype = 'float32'  # Compute dtype; 'bfloat16' on GPU. Params stay float32.
   # Anchor on the regional progression model (label maps, else the tissue model): velocity =
   # a prior field realising its predicted regional rates + a zero-initialised residual

@@ -97,7 +97,7 @@ class ProgressionGenerator(nn.Module):
     max_velocity_voxels_per_year: optional tanh bound on |v| per component.
     velocity_init_scale: stddev of the velocity head's initial kernel (small, so
       training starts near the identity map).
-    conv_impl: `layers.Conv3D` impl ('auto' | 'depth_taps' | 'native').
+    conv_impl: `layers.Conv3D` impl ('auto' | 'compiled' | 'depth_taps' | 'native').
     unet_skip: 'concat' | 'add' decoder skips (see `unet.UNet`).
     prior_regions: when set, the velocity is `prior.prior_velocity` (the regional model's
       predicted rates realised on the baseline label map) plus the network's residual, the

@@ -64,7 +64,7 @@ class UNet(nn.Module):
     features: channels per level, finest first, e.g. (16, 32, 64); levels =
       len(features), so spatial sizes must be divisible by 2^(levels-1).
     max_groups: GroupNorm groups (largest divisor of the channels <= this).
-    conv_impl: `layers.Conv3D` impl ('auto' | 'depth_taps' | 'native').
+    conv_impl: `layers.Conv3D` impl ('auto' | 'compiled' | 'depth_taps' | 'native').
     dtype: compute dtype (e.g. jnp.bfloat16 on GPU); params and norms stay float32.
     skip: 'concat' (classic U-Net: concatenate the encoder features, then a
       ResBlock with a 1x1x1 projection) or 'add' (sum them; ~8% fewer params

@@ -1,0 +1,320 @@
+// 3x3x3 'SAME' stride-1 float32 convolution kernels for XLA:CPU, called through the XLA FFI.
+//
+// XLA:CPU's convolutions run our thin 3D layers (8-64 channels) at 20-100 GFLOP/s and its
+// kernel gradients at 20-80; these direct kernels, written for channels-last data and small
+// channel counts, run at 100-210 GFLOP/s on the 2-core AVX-512 machines we train on
+// (experiments/benchmark.py). Built and loaded by progression/models/conv_kernels.py, which
+// compiles this file once per machine with the host's instruction set.
+//
+// Layouts (row-major): input [B, X, Y, Z, Cin], kernel [3, 3, 3, Cin, Cout] indexed
+// [kx, ky, kz, ci, co] like flax's nn.Conv (cross-correlation), output [B, X, Y, Z, Cout].
+//   forward:      out[b,x,y,z,co] = sum_{k,ci} in[b, x+kx-1, y+ky-1, z+kz-1, ci] * w[k,ci,co]
+//   kernel grad:  dw[k,ci,co] = sum_{b,x,y,z} in[b, x+kx-1, y+ky-1, z+kz-1, ci] * dy[b,x,y,z,co]
+// (zero outside the grid). The input gradient is the forward kernel applied to dy with the
+// flipped kernel, in/out channels swapped (done by the caller).
+//
+// Vectorisation: output channels in 8-float vectors (Cout a multiple of 8, up to 64), a
+// register block of consecutive z positions (forward) or input channels (kernel gradient),
+// each scalar broadcast once per block. Threads: (batch, x) planes are handed out one at a
+// time to the calling thread and to tasks on XLA's intra-op pool; the caller waits only for
+// planes already taken, so a busy pool (another device's program) cannot deadlock it.
+
+#include <algorithm>
+#include <atomic>
+#include <cstdint>
+#include <cstring>
+#include <memory>
+#include <thread>
+#include <utility>
+#include <vector>
+
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+typedef float v8 __attribute__((vector_size(32)));
+
+inline v8 Load(const float* p) {
+  v8 v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+
+inline void Store(float* p, v8 v) { std::memcpy(p, &v, sizeof(v)); }
+
+struct Dims {
+  int64_t b, x, y, z, cin, cout;
+};
+
+// Runs body(unit) for every unit in [0, units) on the calling thread and workers - 1 pool tasks.
+template <typename Body>
+void ParallelUnits(ffi::ThreadPool& pool, int64_t units, int workers, Body body) {
+  struct State {
+    std::atomic<int64_t> next{0}, done{0};
+  };
+  // Shared: a task the pool starts after the last unit is done still reads the counter.
+  auto state = std::make_shared<State>();
+  auto run = [state, units, body]() {
+    for (int64_t unit; (unit = state->next.fetch_add(1)) < units;) {
+      body(unit);
+      state->done.fetch_add(1);
+    }
+  };
+  for (int i = 1; i < workers; ++i) {
+    auto task = run;
+    pool.Schedule(std::move(task));
+  }
+  run();
+  while (state->done.load() < units) std::this_thread::yield();
+}
+
+int Workers(ffi::ThreadPool& pool, int64_t units) {
+  return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(pool.num_threads(), units)));
+}
+
+// ---- forward ------------------------------------------------------------------------------
+
+// Output positions z0 .. z0+ZB-1 of row (b, x, y), all NV*8 output channels. CHECK: some kz
+// taps fall outside [0, Z) (only used with ZB == 1 at the two ends of a row).
+template <int NV, int ZB, bool CHECK>
+inline void ForwardRow(const float* __restrict in, const float* __restrict w,
+                       float* __restrict out, const Dims& d, int64_t b, int64_t x, int64_t y,
+                       int64_t z0) {
+  constexpr int kCout = NV * 8;
+  const int64_t cin = d.cin;
+  v8 acc[ZB][NV];
+#pragma GCC unroll 16
+  for (int i = 0; i < ZB; ++i)
+#pragma GCC unroll 8
+    for (int v = 0; v < NV; ++v) acc[i][v] = v8{};
+  for (int kx = 0; kx < 3; ++kx) {
+    const int64_t xi = x + kx - 1;
+    if (xi < 0 || xi >= d.x) continue;
+    for (int ky = 0; ky < 3; ++ky) {
+      const int64_t yi = y + ky - 1;
+      if (yi < 0 || yi >= d.y) continue;
+      const float* row = in + ((b * d.x + xi) * d.y + yi) * d.z * cin;
+      for (int kz = 0; kz < 3; ++kz) {
+        const int64_t zs = z0 + kz - 1;
+        if (CHECK && (zs < 0 || zs >= d.z)) continue;
+        const float* tap = w + ((kx * 3 + ky) * 3 + kz) * cin * kCout;
+        const float* src = row + zs * cin;
+        for (int64_t ci = 0; ci < cin; ++ci) {
+          v8 wv[NV];
+#pragma GCC unroll 8
+          for (int v = 0; v < NV; ++v) wv[v] = Load(tap + ci * kCout + 8 * v);
+#pragma GCC unroll 16
+          for (int i = 0; i < ZB; ++i) {
+            const float s = src[i * cin + ci];
+#pragma GCC unroll 8
+            for (int v = 0; v < NV; ++v) acc[i][v] += s * wv[v];
+          }
+        }
+      }
+    }
+  }
+  float* dst = out + (((b * d.x + x) * d.y + y) * d.z + z0) * kCout;
+#pragma GCC unroll 16
+  for (int i = 0; i < ZB; ++i)
+#pragma GCC unroll 8
+    for (int v = 0; v < NV; ++v) Store(dst + i * kCout + 8 * v, acc[i][v]);
+}
+
+// Register block: ~16-24 accumulators of 8 floats.
+template <int NV>
+constexpr int kForwardBlock = NV == 1 ? 16 : NV == 2 ? 12 : NV <= 4 ? 24 / NV : 3;
+
+template <int NV>
+void ForwardPlane(const float* in, const float* w, float* out, const Dims& d, int64_t b,
+                  int64_t x) {
+  constexpr int kBlock = kForwardBlock<NV>;
+  for (int64_t y = 0; y < d.y; ++y) {
+    ForwardRow<NV, 1, true>(in, w, out, d, b, x, y, 0);
+    if (d.z == 1) continue;
+    int64_t z = 1;
+    const int64_t end = d.z - 1;  // interior positions [1, Z - 1): every kz tap inside
+    for (; z + kBlock <= end; z += kBlock) ForwardRow<NV, kBlock, false>(in, w, out, d, b, x, y, z);
+    if constexpr (kBlock > 8) {
+      if (z + 8 <= end) ForwardRow<NV, 8, false>(in, w, out, d, b, x, y, z), z += 8;
+    }
+    if constexpr (kBlock > 4) {
+      if (z + 4 <= end) ForwardRow<NV, 4, false>(in, w, out, d, b, x, y, z), z += 4;
+    }
+    if constexpr (kBlock > 2) {
+      if (z + 2 <= end) ForwardRow<NV, 2, false>(in, w, out, d, b, x, y, z), z += 2;
+    }
+    for (; z < end; ++z) ForwardRow<NV, 1, false>(in, w, out, d, b, x, y, z);
+    ForwardRow<NV, 1, true>(in, w, out, d, b, x, y, end);
+  }
+}
+
+// ---- kernel gradient ----------------------------------------------------------------------
+
+// Adds sum_z in[z + shift, ci0 .. ci0+CB-1] * dy[z, :] (z in [zlo, zhi)) to tap[ci, :].
+template <int NV, int CB>
+inline void KernelGradBlock(const float* __restrict row_in, const float* __restrict row_dy,
+                            float* __restrict tap, int64_t cin, int64_t ci0, int64_t zlo,
+                            int64_t zhi, int64_t shift) {
+  constexpr int kCout = NV * 8;
+  v8 acc[CB][NV];
+#pragma GCC unroll 16
+  for (int c = 0; c < CB; ++c)
+#pragma GCC unroll 8
+    for (int v = 0; v < NV; ++v) acc[c][v] = v8{};
+  for (int64_t z = zlo; z < zhi; ++z) {
+    v8 g[NV];
+#pragma GCC unroll 8
+    for (int v = 0; v < NV; ++v) g[v] = Load(row_dy + z * kCout + 8 * v);
+    const float* src = row_in + (z + shift) * cin + ci0;
+#pragma GCC unroll 16
+    for (int c = 0; c < CB; ++c) {
+      const float s = src[c];
+#pragma GCC unroll 8
+      for (int v = 0; v < NV; ++v) acc[c][v] += s * g[v];
+    }
+  }
+#pragma GCC unroll 16
+  for (int c = 0; c < CB; ++c)
+#pragma GCC unroll 8
+    for (int v = 0; v < NV; ++v) {
+      float* p = tap + (ci0 + c) * kCout + 8 * v;
+      Store(p, Load(p) + acc[c][v]);
+    }
+}
+
+template <int NV>
+constexpr int kGradBlock = NV == 1 ? 16 : NV == 2 ? 8 : NV <= 4 ? 4 : 2;
+
+// Adds the kernel gradient of the output plane (b, x) to dw ([27, Cin, Cout]).
+template <int NV>
+void KernelGradPlane(const float* in, const float* dy, float* dw, const Dims& d, int64_t b,
+                     int64_t x) {
+  constexpr int kCout = NV * 8;
+  constexpr int kBlock = kGradBlock<NV>;
+  const int64_t cin = d.cin;
+  for (int64_t y = 0; y < d.y; ++y) {
+    const float* row_dy = dy + ((b * d.x + x) * d.y + y) * d.z * kCout;
+    for (int kx = 0; kx < 3; ++kx) {
+      const int64_t xi = x + kx - 1;
+      if (xi < 0 || xi >= d.x) continue;
+      for (int ky = 0; ky < 3; ++ky) {
+        const int64_t yi = y + ky - 1;
+        if (yi < 0 || yi >= d.y) continue;
+        const float* row_in = in + ((b * d.x + xi) * d.y + yi) * d.z * cin;
+        for (int kz = 0; kz < 3; ++kz) {
+          // Output z whose input z + kz - 1 lies inside [0, Z).
+          const int64_t zlo = kz == 0 ? 1 : 0, zhi = kz == 2 ? d.z - 1 : d.z, shift = kz - 1;
+          float* tap = dw + ((kx * 3 + ky) * 3 + kz) * cin * kCout;
+          int64_t c = 0;
+          for (; c + kBlock <= cin; c += kBlock)
+            KernelGradBlock<NV, kBlock>(row_in, row_dy, tap, cin, c, zlo, zhi, shift);
+          if constexpr (kBlock > 8) {
+            if (c + 8 <= cin) KernelGradBlock<NV, 8>(row_in, row_dy, tap, cin, c, zlo, zhi, shift), c += 8;
+          }
+          if constexpr (kBlock > 4) {
+            if (c + 4 <= cin) KernelGradBlock<NV, 4>(row_in, row_dy, tap, cin, c, zlo, zhi, shift), c += 4;
+          }
+          if constexpr (kBlock > 2) {
+            if (c + 2 <= cin) KernelGradBlock<NV, 2>(row_in, row_dy, tap, cin, c, zlo, zhi, shift), c += 2;
+          }
+          for (; c < cin; ++c) KernelGradBlock<NV, 1>(row_in, row_dy, tap, cin, c, zlo, zhi, shift);
+        }
+      }
+    }
+  }
+}
+
+// Calls fn(std::integral_constant<int, NV>) for cout = 8 * NV, NV in 1..8.
+template <typename Fn>
+bool DispatchCout(int64_t cout, Fn fn) {
+  switch (cout) {
+    case 8: fn(std::integral_constant<int, 1>()); return true;
+    case 16: fn(std::integral_constant<int, 2>()); return true;
+    case 24: fn(std::integral_constant<int, 3>()); return true;
+    case 32: fn(std::integral_constant<int, 4>()); return true;
+    case 40: fn(std::integral_constant<int, 5>()); return true;
+    case 48: fn(std::integral_constant<int, 6>()); return true;
+    case 56: fn(std::integral_constant<int, 7>()); return true;
+    case 64: fn(std::integral_constant<int, 8>()); return true;
+    default: return false;
+  }
+}
+
+bool SupportedCout(int64_t cout) { return cout > 0 && cout <= 64 && cout % 8 == 0; }
+
+ffi::Error Forward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> kernel,
+                   ffi::ResultBuffer<ffi::F32> y) {
+  if (x.dimensions().size() != 5 || kernel.dimensions().size() != 5)
+    return ffi::Error::InvalidArgument("conv3x3x3 forward: expects rank-5 x and kernel");
+  const auto xs = x.dimensions();
+  const auto ks = kernel.dimensions();
+  const Dims d{xs[0], xs[1], xs[2], xs[3], xs[4], ks[4]};
+  if (ks[0] != 3 || ks[1] != 3 || ks[2] != 3 || ks[3] != d.cin)
+    return ffi::Error::InvalidArgument("conv3x3x3 forward: kernel must be [3, 3, 3, Cin, Cout]");
+  if (!SupportedCout(d.cout))
+    return ffi::Error::InvalidArgument("conv3x3x3 forward: Cout must be a multiple of 8, <= 64");
+  const float* in = x.typed_data();
+  const float* w = kernel.typed_data();
+  float* out = y->typed_data();
+  const int64_t units = d.b * d.x;
+  ParallelUnits(pool, units, Workers(pool, units), [&](int64_t unit) {
+    DispatchCout(d.cout, [&](auto nv) {
+      ForwardPlane<decltype(nv)::value>(in, w, out, d, unit / d.x, unit % d.x);
+    });
+  });
+  return ffi::Error::Success();
+}
+
+ffi::Error KernelGrad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> dy,
+                      ffi::ResultBuffer<ffi::F32> dw) {
+  if (x.dimensions().size() != 5 || dy.dimensions().size() != 5)
+    return ffi::Error::InvalidArgument("conv3x3x3 kernel grad: expects rank-5 x and dy");
+  const auto xs = x.dimensions();
+  const auto gs = dy.dimensions();
+  const Dims d{xs[0], xs[1], xs[2], xs[3], xs[4], gs[4]};
+  if (gs[0] != d.b || gs[1] != d.x || gs[2] != d.y || gs[3] != d.z)
+    return ffi::Error::InvalidArgument("conv3x3x3 kernel grad: x and dy grids differ");
+  if (!SupportedCout(d.cout))
+    return ffi::Error::InvalidArgument("conv3x3x3 kernel grad: Cout must be a multiple of 8, <= 64");
+  // The (batch, x) planes in kChunks fixed contiguous chunks, each summed into its own
+  // accumulator and the accumulators added in chunk order: the same bits whichever thread
+  // runs which chunk (training must be reproducible), and no atomics in the inner loops.
+  constexpr int64_t kChunks = 16;
+  const int64_t planes = d.b * d.x, chunks = std::min(planes, kChunks);
+  const int64_t size = 27 * d.cin * d.cout;
+  std::vector<float> partial(static_cast<size_t>(chunks * size), 0.0f);
+  float* parts = partial.data();
+  const float* in = x.typed_data();
+  const float* g = dy.typed_data();
+  ParallelUnits(pool, chunks, Workers(pool, chunks), [&](int64_t chunk) {
+    DispatchCout(d.cout, [&](auto nv) {
+      for (int64_t p = chunk * planes / chunks; p < (chunk + 1) * planes / chunks; ++p)
+        KernelGradPlane<decltype(nv)::value>(in, g, parts + chunk * size, d, p / d.x, p % d.x);
+    });
+  });
+  float* out = dw->typed_data();
+  for (int64_t i = 0; i < size; ++i) {
+    float sum = 0.0f;
+    for (int64_t c = 0; c < chunks; ++c) sum += parts[c * size + i];
+    out[i] = sum;
+  }
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(ProgressionConv3x3x3Forward, Forward,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(ProgressionConv3x3x3KernelGrad, KernelGrad,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());

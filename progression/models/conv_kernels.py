@@ -1,0 +1,162 @@
+"""Compiled 3x3x3 convolution kernels for XLA:CPU (`conv_kernels.cc`, an XLA FFI custom call).
+
+XLA:CPU runs our thin channels-last 3D convolutions at 20-100 GFLOP/s and their kernel
+gradients at 20-80 GFLOP/s even in the depth-tap form of `layers`; the direct kernels in
+`conv_kernels.cc` run the forward at 100-210 and the kernel gradient at 110-170 GFLOP/s on the
+2-core AVX-512 machines (`experiments/benchmark.py`). `layers.conv3x3x3(impl='compiled')`
+uses them for the forward and both gradients, output channels zero-padded to a multiple of 8
+(`padded_channels`), and the depth-tap form of `layers` beyond 64 channels or for other
+dtypes than float32.
+
+The library is compiled from the shipped source the first time it is needed, with the host's
+instruction set (`-march=native`), and cached in `$PROGRESSION_CACHE_DIR` (default
+`~/.cache/progression`) under a name that hashes the source, the flags, jaxlib and the CPU:
+a few seconds once per machine. `$CXX` names the compiler (default `c++`). Without a working
+compiler `available()` is False and `impl='auto'` keeps the depth-tap form (a warning says
+why); `PROGRESSION_COMPILED_CONV=0` turns the kernels off.
+"""
+
+import ctypes
+import functools
+import hashlib
+import importlib.metadata
+import logging
+import os
+import platform
+import shlex
+import subprocess
+import tempfile
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+
+from progression.errors import ProgressionError
+
+Array = jax.Array
+SOURCE = Path(__file__).with_name('conv_kernels.cc')
+FLAGS = ('-O3', '-march=native', '-std=c++17', '-shared', '-fPIC')
+MAX_CHANNELS = 64  # Output channels: a multiple of 8 up to this.
+_TARGETS = {'forward': 'progression_conv3x3x3_forward',
+            'kernel_grad': 'progression_conv3x3x3_kernel_grad'}
+_SYMBOLS = {'forward': 'ProgressionConv3x3x3Forward',
+            'kernel_grad': 'ProgressionConv3x3x3KernelGrad'}
+
+
+def supports(out_channels: int, dtype) -> bool:
+  """Whether the kernels compute a convolution with this many output channels in `dtype`."""
+  return (jnp.dtype(dtype) == jnp.float32 and 0 < out_channels <= MAX_CHANNELS
+          and out_channels % 8 == 0)
+
+
+def padded_channels(out_channels: int, dtype) -> int | None:
+  """The output channels to compute `out_channels` with (zero-padded to a multiple of 8), or
+  None when the kernels cannot (more than MAX_CHANNELS, or not float32)."""
+  padded = -(-out_channels // 8) * 8
+  return padded if supports(padded, dtype) else None
+
+
+def available() -> bool:
+  """True if the kernels are built (or can be) and registered with XLA:CPU."""
+  return _load() is None
+
+
+def unavailable_reason() -> str | None:
+  """Why `available()` is False (None when it is True)."""
+  return _load()
+
+
+def cache_dir() -> Path:
+  """Where built libraries live: $PROGRESSION_CACHE_DIR or ~/.cache/progression."""
+  root = os.environ.get('PROGRESSION_CACHE_DIR') or Path.home() / '.cache' / 'progression'
+  return Path(root)
+
+
+def _compiler() -> list[str]:
+  return shlex.split(os.environ.get('CXX') or 'c++')
+
+
+def _cpu_fingerprint() -> str:
+  """The CPU's model and flags (a library built with -march=native runs only on its kind)."""
+  try:
+    lines = Path('/proc/cpuinfo').read_text().splitlines()
+    return '|'.join(sorted({l for l in lines if l.startswith(('model name', 'flags'))}))
+  except OSError:
+    return platform.processor() or platform.machine()
+
+
+def library_path() -> Path:
+  """The cached library for this source, compiler, flags, jaxlib and CPU."""
+  key = hashlib.sha256()
+  for part in (SOURCE.read_bytes(), ' '.join(_compiler() + list(FLAGS)).encode(),
+               importlib.metadata.version('jaxlib').encode(), _cpu_fingerprint().encode()):
+    key.update(part)
+    key.update(b'\0')
+  return cache_dir() / f'conv_kernels-{key.hexdigest()[:16]}.so'
+
+
+def build(path: Path) -> None:
+  """Compiles SOURCE into `path` (through a temporary file, so a reader never sees half a
+  library). Raises ProgressionError with the compiler's message on failure."""
+  path.parent.mkdir(parents=True, exist_ok=True)
+  fd, tmp = tempfile.mkstemp(suffix='.so', dir=path.parent)
+  os.close(fd)
+  command = _compiler() + list(FLAGS) + ['-I', jax.ffi.include_dir(), str(SOURCE), '-o', tmp]
+  try:
+    result = subprocess.run(command, capture_output=True, text=True, check=False)
+    if result.returncode != 0:
+      raise ProgressionError(f'building {SOURCE.name} failed ({shlex.join(command)}):\n'
+                             f'{result.stderr.strip()[-2000:]}')
+    os.replace(tmp, path)
+  except OSError as e:
+    raise ProgressionError(f'building {SOURCE.name}: cannot run {command[0]!r}: {e}') from e
+  finally:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+
+
+@functools.cache
+def _load() -> str | None:
+  """Builds (if needed), loads and registers the kernels once; returns why not, or None."""
+  if os.environ.get('PROGRESSION_COMPILED_CONV', '1') == '0':
+    return 'PROGRESSION_COMPILED_CONV=0'
+  path = library_path()
+  try:
+    if not path.exists():
+      logging.info('building the compiled convolution kernels into %s', path)
+      build(path)
+    library = ctypes.cdll.LoadLibrary(str(path))
+    for part, target in _TARGETS.items():
+      jax.ffi.register_ffi_target(
+          target, jax.ffi.pycapsule(getattr(library, _SYMBOLS[part])), platform='cpu')
+  except (ProgressionError, OSError, AttributeError) as e:
+    reason = f'compiled convolution kernels unavailable, using the XLA depth-tap form: {e}'
+    logging.warning(reason)
+    return reason
+  return None
+
+
+def _require() -> None:
+  reason = _load()
+  if reason is not None:
+    raise ProgressionError(reason)
+
+
+def forward(x: Array, kernel: Array) -> Array:
+  """'SAME' 3x3x3 cross-correlation: x [B,X,Y,Z,Cin] float32, kernel [3,3,3,Cin,Cout]
+  (Cout supported, see `supports`) -> [B,X,Y,Z,Cout]."""
+  _require()
+  call = jax.ffi.ffi_call(_TARGETS['forward'],
+                          jax.ShapeDtypeStruct(x.shape[:-1] + kernel.shape[-1:], x.dtype),
+                          vmap_method='sequential')
+  return call(x, kernel)
+
+
+def kernel_grad(x: Array, dy: Array) -> Array:
+  """Gradient [3,3,3,Cin,Cout] of sum(forward(x, kernel) * dy) with respect to the kernel,
+  for x [B,X,Y,Z,Cin] and dy [B,X,Y,Z,Cout] (Cout supported)."""
+  _require()
+  call = jax.ffi.ffi_call(_TARGETS['kernel_grad'],
+                          jax.ShapeDtypeStruct((3, 3, 3, x.shape[-1], dy.shape[-1]), x.dtype),
+                          vmap_method='sequential')
+  return call(x, dy)
