@@ -120,3 +120,26 @@ def test_resolve_impl_auto_on_cpu():
   assert layers.resolve_impl('auto') == ('compiled' if conv_kernels.available() else 'depth_taps')
   assert layers.resolve_impl('native') == 'native'
 
+
+@pytest.mark.parametrize('shape,groups', [((2, 5, 4, 6, 16), 8), ((1, 3, 7, 2, 8), 8),
+                                          ((1, 4, 4, 4, 6), 3), ((1, 2, 2, 2, 5), 1)])
+def test_group_norm_matches_flax_values_and_grads(shape, groups):
+  """Same parameters, values and gradients as nn.GroupNorm; offset data (mean 3) checks the
+  E[x^2] - E[x]^2 variance where it is most fragile."""
+  x = 3.0 + _x(shape)
+  ref, ours = nn.GroupNorm(groups), layers.GroupNorm(groups)
+  params = ref.init(jax.random.PRNGKey(1), x)
+  params = jax.tree.map(lambda p: p + 0.1 * _x(p.shape, 3), params)  # not the identity
+  assert jax.tree.map(jnp.shape, ours.init(jax.random.PRNGKey(2), x)) == jax.tree.map(
+      jnp.shape, params)
+  np.testing.assert_allclose(jax.jit(ours.apply)(params, x), ref.apply(params, x),
+                             rtol=1e-4, atol=1e-4)
+  loss = lambda m: lambda p, x: jnp.sum(jnp.sin(m.apply(p, x)) * jnp.arange(shape[-1]))
+  g_ref = jax.grad(loss(ref), argnums=(0, 1))(params, x)
+  g_ours = jax.jit(jax.grad(loss(ours), argnums=(0, 1)))(params, x)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-3), g_ours, g_ref)
+
+
+def test_group_norm_channels_must_split_into_groups():
+  with pytest.raises(ProgressionError, match='6 channels'):
+    layers.GroupNorm(4).init(jax.random.PRNGKey(0), _x((1, 2, 2, 2, 6)))

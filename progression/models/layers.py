@@ -319,3 +319,46 @@ class Upsample2x(nn.Module):
     y = jnp.dot(x, k)  # [B, X, Y, Z, (i, j, k, o)]
     return depth_to_space(y, 2) + bias
 
+
+def _channel_sums(x: Array) -> tuple[Array, Array]:
+  """Per (batch, channel) sums of x and of x^2 over the grid: [B, X, Y, Z, C] -> 2 x [B, C].
+
+  Summed over (x, y) rows of Z*C contiguous values first, then over z: XLA:CPU vectorises
+  that reduction, while the grouped reduction of `nn.GroupNorm` (groups kept between the
+  reduced axes) ran 3-10x slower at our sizes (e.g. 1.1 vs 0.11 ms at 32^3 x 16 channels).
+  """
+  b, nx, ny, nz, c = x.shape
+  rows = x.reshape(b, nx * ny, nz * c)
+  fold = lambda s: s.reshape(b, nz, c).sum(axis=1)
+  return fold(jnp.sum(rows, axis=1)), fold(jnp.sum(jnp.square(rows), axis=1))
+
+
+class GroupNorm(nn.Module):
+  """Group normalisation of [B, X, Y, Z, C]; params and results as `nn.GroupNorm`.
+
+  Each group of C / num_groups channels is normalised by its mean and variance over the
+  grid and those channels (variance as E[x^2] - E[x]^2, clipped at 0, like flax's default),
+  then scaled and shifted per channel (`scale` [C], `bias` [C], as flax names them).
+  Computed in float32 from `_channel_sums`, and applied as one multiply-add per value.
+  """
+  num_groups: int
+  epsilon: float = 1e-6
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    """x: [B, X, Y, Z, C] (C divisible by num_groups) -> float32, same shape."""
+    b, nx, ny, nz, c = x.shape
+    g = self.num_groups
+    if c % g:
+      raise ProgressionError(f'GroupNorm: {c} channels are not divisible into {g} groups')
+    scale = self.param('scale', nn.initializers.ones_init(), (c,), jnp.float32)
+    bias = self.param('bias', nn.initializers.zeros_init(), (c,), jnp.float32)
+    x = x.astype(jnp.float32)
+    sums, squares = _channel_sums(x)
+    count = nx * ny * nz * (c // g)
+    per_group = lambda s: jnp.repeat(s.reshape(b, g, c // g).sum(axis=-1) / count, c // g, -1)
+    mean = per_group(sums)  # [B, C]: each channel's group statistic
+    var = jnp.maximum(per_group(squares) - jnp.square(mean), 0.0)
+    gain = lax.rsqrt(var + self.epsilon) * scale
+    shift = bias - mean * gain
+    return x * gain[:, None, None, None, :] + shift[:, None, None, None, :]

@@ -44,7 +44,7 @@ class ResBlock(nn.Module):
     f = self.features
     groups = num_groups_for(f, self.max_groups)
     h = layers.Conv3D(f, impl=self.conv_impl, dtype=self.dtype, name='conv1')(x)
-    h = nn.GroupNorm(groups, dtype=jnp.float32, name='norm1')(h)  # stats in float32
+    h = layers.GroupNorm(groups, name='norm1')(h)  # float32, like its statistics
     if cond is not None:
       film = nn.Dense(2 * f, kernel_init=nn.initializers.zeros_init(), name='film')(
           cond.astype(jnp.float32))
@@ -52,7 +52,7 @@ class ResBlock(nn.Module):
       h = h * (1.0 + gamma) + beta
     h = nn.silu(h).astype(self.dtype or x.dtype)
     h = layers.Conv3D(f, impl=self.conv_impl, dtype=self.dtype, name='conv2')(h)
-    h = nn.silu(nn.GroupNorm(groups, dtype=jnp.float32, name='norm2')(h))
+    h = nn.silu(layers.GroupNorm(groups, name='norm2')(h))
     skip = x if x.shape[-1] == f else nn.Dense(f, dtype=self.dtype, name='skip')(x)
     return (h + skip).astype(self.dtype or x.dtype)
 
