@@ -185,7 +185,7 @@ inline void KernelGradBlock(const float* __restrict row_in, const float* __restr
 }
 
 template <int NV>
-constexpr int kGradBlock = NV == 1 ? 16 : NV == 2 ? 8 : NV <= 4 ? 4 : 2;
+constexpr int kGradBlock = NV == 1 ? 16 : NV == 2 ? 8 : NV <= 4 ? 6 : 2;
 
 // Adds the kernel gradient of the output plane (b, x) to dw ([27, Cin, Cout]).
 template <int NV>
