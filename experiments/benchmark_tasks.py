@@ -6,6 +6,7 @@ Imports of jax and the library happen inside the tasks, so the orchestrating pro
 initialises a backend.
 """
 
+import os
 import resource
 import tempfile
 import time
@@ -153,7 +154,13 @@ def generator_task(spec: dict) -> dict:
     holder['state'], metrics = p_train(holder['state'], batch, rrng)  # state is donated
     holder['metrics'] = jax.block_until_ready((holder['state'], metrics))[1]
 
+  cpu_start, wall_start = time.process_time(), time.perf_counter()
   result['train'].update(time_calls(train_call, spec['repetitions'], spec['warmup']))
+  # CPU seconds of all the process's threads per wall second: how many cores the step keeps
+  # busy (on a 2-core machine, ~2 on one device leaves a second device nothing to gain).
+  result['train']['cores_busy'] = ((time.process_time() - cpu_start)
+                                   / (time.perf_counter() - wall_start))
+  result['cores'] = os.cpu_count()
   result['train']['loss'] = float(np.asarray(holder['metrics']['loss'])[0])
   for key in ('forward', 'train'):
     r = result[key]

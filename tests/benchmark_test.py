@@ -276,3 +276,22 @@ def test_accelerator_task_runs_on_cpu(fast_compiles):
          'train_bf16_fraction_of_peak': 0.3, 'forecast_float32': {'median_s': 0.08},
          'forecast_bfloat16': {'median_s': 0.04}, 'max_relative_volume_difference': 2e-4}
   assert benchmark_report._gpu_values({'accelerator': gpu}) == [0.3, 0.04, 2e-4]
+
+
+@pytest.mark.parametrize('busy,met', [(1.9, True), (1.2, False)])
+def test_standard_scaling_goal_accepts_one_device_using_every_core(busy, met):
+  """2 forced devices / 1 below 1.0 meets the goal only when one device already keeps >= 90 %
+  of the cores busy (then a second program on the same cores has nothing left to use)."""
+  timing = lambda per_sample: {'per_sample_s': per_sample, 'samples_per_s': 1 / per_sample}
+  std = lambda devices, per_sample, **extra: {
+      'model': 'standard', 'size': '96x112x96', 'devices': devices, 'forward': timing(0.3),
+      'train': {**timing(per_sample), 'cores_busy': busy}, 'cores': 2, **extra}
+  results = {'config': {'grid': {'shape': [96, 112, 96]}},
+             'generator': [std(1, 0.8), std(2, 0.85)], 'torch': {'skipped': 'no'},
+             'forecast': [], 'pipeline': {}, 'matmul_peak': {}}
+  goals = {g['goal']: g for g in benchmark_report.summarize(results)['goal_tables'][
+      '2. training at the standard grid (prior on)']}
+  busy_row = goals['CPU cores busy during that train step, 1 device (of 2)']
+  assert busy_row['value'] == busy
+  (scaling,) = [g for text, g in goals.items() if text.startswith('train samples/s 2 devices')]
+  assert scaling['value'] == pytest.approx(0.8 / 0.85) and scaling['met'] is met
