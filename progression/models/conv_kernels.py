@@ -2,7 +2,7 @@
 
 XLA:CPU runs our thin channels-last 3D convolutions at 20-100 GFLOP/s and their kernel
 gradients at 20-80 GFLOP/s even in the depth-tap form of `layers`; the direct kernels in
-`conv_kernels.cc` run the forward at 100-210 and the kernel gradient at 110-170 GFLOP/s on the
+`conv_kernels.cc` run the forward at 100-210 and the kernel gradient at 110-200 GFLOP/s on the
 2-core AVX-512 machines (`experiments/benchmark.py`). `layers.conv3x3x3(impl='compiled')`
 uses them for the forward and both gradients, output channels zero-padded to a multiple of 8
 (`padded_channels`), and the depth-tap form of `layers` beyond 64 channels or for other
