@@ -246,19 +246,19 @@ void KernelGradPlane(const float* in, const float* dy, float* dw, const Dims& d,
   }
 }
 
-// Calls fn(std::integral_constant<int, NV>) for cout = 8 * NV, NV in 1..8.
+// Calls fn(std::integral_constant<int, NV>) for cout = 8 * NV, NV in 1..8 (the handlers
+// check SupportedCout(cout) before any thread starts).
 template <typename Fn>
-bool DispatchCout(int64_t cout, Fn fn) {
+void DispatchCout(int64_t cout, Fn fn) {
   switch (cout) {
-    case 8: fn(std::integral_constant<int, 1>()); return true;
-    case 16: fn(std::integral_constant<int, 2>()); return true;
-    case 24: fn(std::integral_constant<int, 3>()); return true;
-    case 32: fn(std::integral_constant<int, 4>()); return true;
-    case 40: fn(std::integral_constant<int, 5>()); return true;
-    case 48: fn(std::integral_constant<int, 6>()); return true;
-    case 56: fn(std::integral_constant<int, 7>()); return true;
-    case 64: fn(std::integral_constant<int, 8>()); return true;
-    default: return false;
+    case 8: return fn(std::integral_constant<int, 1>());
+    case 16: return fn(std::integral_constant<int, 2>());
+    case 24: return fn(std::integral_constant<int, 3>());
+    case 32: return fn(std::integral_constant<int, 4>());
+    case 40: return fn(std::integral_constant<int, 5>());
+    case 48: return fn(std::integral_constant<int, 6>());
+    case 56: return fn(std::integral_constant<int, 7>());
+    case 64: return fn(std::integral_constant<int, 8>());
   }
 }
 
