@@ -149,6 +149,11 @@ def _depth_taps_bwd(residuals, dy):
 _depth_taps.defvjp(_depth_taps_fwd, _depth_taps_bwd)
 
 
+def _zero_channels(a: Array, channels: int) -> Array:
+  """a [..., C] zero-padded to `channels` on the last axis."""
+  return jnp.pad(a, [(0, 0)] * (a.ndim - 1) + [(0, channels - a.shape[-1])])
+
+
 def _compiled_or_taps(x: Array, kernel: Array) -> Array:
   """The compiled forward kernel, its output channels zero-padded to the next multiple of 8
   (sliced off again) when that is all it lacks, else the output-side taps."""
@@ -156,8 +161,7 @@ def _compiled_or_taps(x: Array, kernel: Array) -> Array:
   padded = conv_kernels.padded_channels(cout, x.dtype)
   if padded is None:
     return _output_side_taps(x, kernel)
-  pad = [(0, 0)] * 4 + [(0, padded - cout)]
-  return conv_kernels.forward(x, jnp.pad(kernel, pad))[..., :cout]
+  return conv_kernels.forward(x, _zero_channels(kernel, padded))[..., :cout]
 
 
 def _compiled_kernel_grad(x: Array, dy: Array, kernel: Array) -> Array:
@@ -167,8 +171,7 @@ def _compiled_kernel_grad(x: Array, dy: Array, kernel: Array) -> Array:
   padded = conv_kernels.padded_channels(cout, x.dtype)
   if padded is None:
     return _depth_taps_kernel_grad(x, dy, kernel)
-  dy = jnp.pad(dy, [(0, 0)] * 4 + [(0, padded - cout)])
-  return conv_kernels.kernel_grad(x, dy)[..., :cout].astype(kernel.dtype)
+  return conv_kernels.kernel_grad(x, _zero_channels(dy, padded))[..., :cout].astype(kernel.dtype)
 
 
 @jax.custom_vjp
