@@ -35,13 +35,15 @@ SHAPES = [((1, 4, 5, 13, 3), 8), ((2, 3, 4, 30, 8), 16), ((1, 1, 3, 2, 5), 24),
 
 
 @needs_kernels
+@pytest.mark.parametrize('size', conv_kernels.SIZES)
 @pytest.mark.parametrize('shape,cout', SHAPES)
-def test_forward_and_kernel_grad_match_xla(shape, cout):
-  x, kernel = _x(shape), 0.3 * _x((3, 3, 3, shape[-1], cout), 1)
+def test_forward_and_kernel_grad_match_xla(shape, cout, size):
+  """3x3x3 and pointwise (1x1x1) kernels against XLA's convolution."""
+  x, kernel = _x(shape), 0.3 * _x((size,) * 3 + (shape[-1], cout), 1)
   dy = _x((*shape[:-1], cout), 2)
   _assert_close(jax.jit(conv_kernels.forward)(x, kernel), _xla(x, kernel))
   (want,) = jax.vjp(lambda k: _xla(x, k), kernel)[1](dy)
-  _assert_close(jax.jit(conv_kernels.kernel_grad)(x, dy), want)
+  _assert_close(jax.jit(conv_kernels.kernel_grad, static_argnums=2)(x, dy, size), want)
 
 
 @needs_kernels
@@ -100,9 +102,11 @@ def test_supports_names_the_shapes_the_kernels_compute():
 
 
 @needs_kernels
-def test_unsupported_channels_are_an_error_from_the_kernel():
+def test_unsupported_shapes_are_an_error_from_the_kernel():
   with pytest.raises(Exception, match='multiple of 8'):
     jax.block_until_ready(conv_kernels.forward(_x((1, 3, 3, 3, 2)), _x((3, 3, 3, 2, 12))))
+  with pytest.raises(Exception, match='K 1 or 3'):
+    jax.block_until_ready(conv_kernels.forward(_x((1, 3, 3, 3, 2)), _x((2, 2, 2, 2, 8))))
 
 
 def test_build_without_a_compiler_is_a_clear_error(tmp_path, monkeypatch):
@@ -141,7 +145,7 @@ def test_build_writes_a_loadable_library(tmp_path):
   target = tmp_path / 'conv.so'
   conv_kernels.build(target)
   library = ctypes.cdll.LoadLibrary(str(target))
-  assert library.ProgressionConv3x3x3Forward and library.ProgressionConv3x3x3KernelGrad
+  assert all(getattr(library, symbol) for symbol in conv_kernels._SYMBOLS.values())
   assert [p.name for p in tmp_path.iterdir()] == ['conv.so']
 
 

@@ -143,3 +143,66 @@ def test_group_norm_matches_flax_values_and_grads(shape, groups):
 def test_group_norm_channels_must_split_into_groups():
   with pytest.raises(ProgressionError, match='6 channels'):
     layers.GroupNorm(4).init(jax.random.PRNGKey(0), _x((1, 2, 2, 2, 6)))
+
+
+@pytest.mark.parametrize('shape,groups', [((2, 5, 4, 6, 16), 8), ((1, 4, 4, 4, 6), 3)])
+def test_group_norm_with_offset_film_and_silu_matches_the_unfused_layers(shape, groups):
+  """GroupNorm(x, film, silu=True, offset=b) = silu(nn.GroupNorm(x + b) * (1 + gamma) + beta):
+  values and gradients (x, b, gamma, beta and the norm's parameters), the offset folded into
+  the statistics and the FiLM and SiLU into one multiply-add."""
+  b, c = shape[0], shape[-1]
+  x, offset = 2.0 + _x(shape), 0.5 * _x((c,), 4)
+  film = (0.3 * _x((b, c), 5), 0.3 * _x((b, c), 6))
+  ref, ours = nn.GroupNorm(groups), layers.GroupNorm(groups)
+  params = jax.tree.map(lambda p: p + 0.1 * _x(p.shape, 3), ref.init(jax.random.PRNGKey(1), x))
+
+  def unfused(p, x, offset, film):
+    h = ref.apply(p, x + offset) * (1.0 + film[0][:, None, None, None]) + film[1][:, None, None, None]
+    return jax.nn.silu(h)
+
+  fused = lambda p, x, offset, film: ours.apply(p, x, film=film, silu=True, offset=offset)
+  args = (params, x, offset, film)
+  np.testing.assert_allclose(jax.jit(fused)(*args), unfused(*args), rtol=1e-4, atol=1e-4)
+  loss = lambda f: lambda *a: jnp.sum(jnp.sin(f(*a)) * jnp.arange(c))
+  g_ours = jax.jit(jax.grad(loss(fused), argnums=(0, 1, 2, 3)))(*args)
+  g_ref = jax.grad(loss(unfused), argnums=(0, 1, 2, 3))(*args)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-3), g_ours, g_ref)
+
+
+def test_scale_shift_silu_values_and_grads():
+  x, scale, shift = _x((2, 3, 4, 5, 8)), 1.0 + _x((2, 8), 1), _x((2, 8), 2)
+  plain = lambda x, a, c: jax.nn.silu(x * a[:, None, None, None] + c[:, None, None, None])
+  np.testing.assert_allclose(layers.scale_shift_silu(x, scale, shift), plain(x, scale, shift),
+                             **TOL)
+  loss = lambda f: lambda *a: jnp.sum(jnp.cos(f(*a)))
+  got = jax.jit(jax.grad(loss(layers.scale_shift_silu), argnums=(0, 1, 2)))(x, scale, shift)
+  want = jax.grad(loss(plain), argnums=(0, 1, 2))(x, scale, shift)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4), got, want)
+
+
+def test_conv3d_fold_bias_returns_the_convolution_and_its_bias():
+  x, conv = _x((1, 4, 4, 4, 3)), layers.Conv3D(8)
+  params = jax.tree.map(lambda p: p + 0.1 * _x(p.shape, 3), conv.init(jax.random.PRNGKey(1), x))
+  y, bias = conv.apply(params, x, fold_bias=True)
+  np.testing.assert_allclose(bias, params['params']['bias'])
+  np.testing.assert_allclose(y + bias, conv.apply(params, x), **TOL)
+
+
+@pytest.mark.parametrize('impl', ['compiled', 'native'])
+@pytest.mark.parametrize('shape,features', [((2, 3, 4, 5, 32), 16), ((1, 4, 3, 6, 8), 16),
+                                            ((1, 2, 3, 4, 5), 3), ((1, 2, 2, 3, 8), 72)])
+def test_pointwise_matches_nn_dense_values_and_grads(impl, shape, features):
+  """Same parameters, values and gradients as nn.Dense on [B, X, Y, Z, C]: the compiled
+  1x1x1 kernels (3 outputs padded to 8; 72 outputs and the 5-channel input gradient beyond
+  or beside what they take, so a matmul there)."""
+  if impl == 'compiled' and not conv_kernels.available():
+    pytest.skip(conv_kernels.unavailable_reason())
+  x, ref, ours = _x(shape), nn.Dense(features), layers.Pointwise(features, impl=impl)
+  params = jax.tree.map(lambda p: p + 0.1 * _x(p.shape, 3), ref.init(jax.random.PRNGKey(1), x))
+  assert jax.tree.map(jnp.shape, ours.init(jax.random.PRNGKey(2), x)) == jax.tree.map(
+      jnp.shape, params)
+  np.testing.assert_allclose(jax.jit(ours.apply)(params, x), ref.apply(params, x), **TOL)
+  loss = lambda m: lambda p, x: jnp.sum(jnp.sin(m.apply(p, x)))
+  g_ours = jax.jit(jax.grad(loss(ours), argnums=(0, 1)))(params, x)
+  g_ref = jax.grad(loss(ref), argnums=(0, 1))(params, x)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4), g_ours, g_ref)

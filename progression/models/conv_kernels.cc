@@ -1,4 +1,5 @@
-// 3x3x3 'SAME' stride-1 float32 convolution kernels for XLA:CPU, called through the XLA FFI.
+// KxKxK (K = 3 or 1) 'SAME' stride-1 float32 convolution kernels for XLA:CPU, called through
+// the XLA FFI.
 //
 // XLA:CPU's convolutions run our thin 3D layers (8-64 channels) at 20-100 GFLOP/s and its
 // kernel gradients at 20-80; these direct kernels, written for channels-last data and small
@@ -6,10 +7,12 @@
 // (experiments/benchmark.py). Built and loaded by progression/models/conv_kernels.py, which
 // compiles this file once per machine with the host's instruction set.
 //
-// Layouts (row-major): input [B, X, Y, Z, Cin], kernel [3, 3, 3, Cin, Cout] indexed
-// [kx, ky, kz, ci, co] like flax's nn.Conv (cross-correlation), output [B, X, Y, Z, Cout].
-//   forward:      out[b,x,y,z,co] = sum_{k,ci} in[b, x+kx-1, y+ky-1, z+kz-1, ci] * w[k,ci,co]
-//   kernel grad:  dw[k,ci,co] = sum_{b,x,y,z} in[b, x+kx-1, y+ky-1, z+kz-1, ci] * dy[b,x,y,z,co]
+// Layouts (row-major): input [B, X, Y, Z, Cin], kernel [K, K, K, Cin, Cout] indexed
+// [kx, ky, kz, ci, co] like flax's nn.Conv (cross-correlation), output [B, X, Y, Z, Cout];
+// with h = K / 2 (1 for the 3x3x3 convolutions, 0 for the pointwise ones, a matmul over
+// channels such as the U-Net's 1x1x1 skip projections):
+//   forward:      out[b,x,y,z,co] = sum_{k,ci} in[b, x+kx-h, y+ky-h, z+kz-h, ci] * w[k,ci,co]
+//   kernel grad:  dw[k,ci,co] = sum_{b,x,y,z} in[b, x+kx-h, y+ky-h, z+kz-h, ci] * dy[b,x,y,z,co]
 // (zero outside the grid). The input gradient is the forward kernel applied to dy with the
 // flipped kernel, in/out channels swapped (done by the caller).
 //
@@ -74,15 +77,15 @@ int Workers(ffi::ThreadPool& pool, int64_t units) {
   return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(pool.num_threads(), units)));
 }
 
-// Calls row(kx, ky, r) for the (x, y) neighbours (x + kx - 1, y + ky - 1) of row (b, x, y) that
-// lie inside the grid, r = the index of that row among the B*X*Y rows.
-template <typename Fn>
+// Calls row(kx, ky, r) for the (x, y) neighbours (x + kx - K/2, y + ky - K/2) of row (b, x, y)
+// that lie inside the grid, r = the index of that row among the B*X*Y rows.
+template <int K, typename Fn>
 inline void ForNeighbourRows(const Dims& d, int64_t b, int64_t x, int64_t y, Fn row) {
-  for (int kx = 0; kx < 3; ++kx) {
-    const int64_t xi = x + kx - 1;
+  for (int kx = 0; kx < K; ++kx) {
+    const int64_t xi = x + kx - K / 2;
     if (xi < 0 || xi >= d.x) continue;
-    for (int ky = 0; ky < 3; ++ky) {
-      const int64_t yi = y + ky - 1;
+    for (int ky = 0; ky < K; ++ky) {
+      const int64_t yi = y + ky - K / 2;
       if (yi >= 0 && yi < d.y) row(kx, ky, (b * d.x + xi) * d.y + yi);
     }
   }
@@ -110,7 +113,7 @@ inline void Blocked(int64_t begin, int64_t end, Fn block) {
 
 // Output positions z0 .. z0+ZB-1 of row (b, x, y), all NV*8 output channels. CHECK: some kz
 // taps fall outside [0, Z) (only used with ZB == 1 at the two ends of a row).
-template <int NV, int ZB, bool CHECK>
+template <int K, int NV, int ZB, bool CHECK>
 inline void ForwardRow(const float* __restrict in, const float* __restrict w,
                        float* __restrict out, const Dims& d, int64_t b, int64_t x, int64_t y,
                        int64_t z0) {
@@ -124,17 +127,17 @@ inline void ForwardRow(const float* __restrict in, const float* __restrict w,
   // The neighbour rows spelled out rather than through ForNeighbourRows, keeping the
   // accumulators out of a lambda capture in the hottest loop (the forward's z blocks through
   // the Blocked lambda measured 1.4x slower with GCC 12, see ForwardPlane).
-  for (int kx = 0; kx < 3; ++kx) {
-    const int64_t xi = x + kx - 1;
+  for (int kx = 0; kx < K; ++kx) {
+    const int64_t xi = x + kx - K / 2;
     if (xi < 0 || xi >= d.x) continue;
-    for (int ky = 0; ky < 3; ++ky) {
-      const int64_t yi = y + ky - 1;
+    for (int ky = 0; ky < K; ++ky) {
+      const int64_t yi = y + ky - K / 2;
       if (yi < 0 || yi >= d.y) continue;
       const float* row = in + ((b * d.x + xi) * d.y + yi) * d.z * cin;
-      for (int kz = 0; kz < 3; ++kz) {
-        const int64_t zs = z0 + kz - 1;
+      for (int kz = 0; kz < K; ++kz) {
+        const int64_t zs = z0 + kz - K / 2;
         if (CHECK && (zs < 0 || zs >= d.z)) continue;
-        const float* tap = w + ((kx * 3 + ky) * 3 + kz) * cin * kCout;
+        const float* tap = w + ((kx * K + ky) * K + kz) * cin * kCout;
         const float* src = row + zs * cin;
         for (int64_t ci = 0; ci < cin; ++ci) {
           v8 wv[NV];
@@ -161,29 +164,33 @@ inline void ForwardRow(const float* __restrict in, const float* __restrict w,
 template <int NV>
 constexpr int kForwardBlock = NV == 1 ? 16 : NV == 2 ? 12 : NV <= 4 ? 24 / NV : 3;
 
-template <int NV>
+template <int K, int NV>
 void ForwardPlane(const float* in, const float* w, float* out, const Dims& d, int64_t b,
                   int64_t x) {
+  // Positions [h, Z - h) have every kz tap inside the row (h = K / 2); the h at each end
+  // are checked.
+  constexpr int h = K / 2;
   for (int64_t y = 0; y < d.y; ++y) {
-    ForwardRow<NV, 1, true>(in, w, out, d, b, x, y, 0);
-    if (d.z == 1) continue;
-    // Interior positions [1, Z - 1), where every kz tap lies inside the row; spelled out
-    // rather than through Blocked, which cost the 8-channel forward 1.4x here (GCC 12).
+    if (h) ForwardRow<K, NV, 1, true>(in, w, out, d, b, x, y, 0);
+    if (d.z <= h) continue;
+    // Spelled out rather than through Blocked, which cost the 8-channel forward 1.4x here
+    // (GCC 12).
     constexpr int kBlock = kForwardBlock<NV>;
-    int64_t z = 1;
-    const int64_t end = d.z - 1;
-    for (; z + kBlock <= end; z += kBlock) ForwardRow<NV, kBlock, false>(in, w, out, d, b, x, y, z);
+    int64_t z = h;
+    const int64_t end = d.z - h;
+    for (; z + kBlock <= end; z += kBlock)
+      ForwardRow<K, NV, kBlock, false>(in, w, out, d, b, x, y, z);
     if constexpr (kBlock > 8) {
-      if (z + 8 <= end) ForwardRow<NV, 8, false>(in, w, out, d, b, x, y, z), z += 8;
+      if (z + 8 <= end) ForwardRow<K, NV, 8, false>(in, w, out, d, b, x, y, z), z += 8;
     }
     if constexpr (kBlock > 4) {
-      if (z + 4 <= end) ForwardRow<NV, 4, false>(in, w, out, d, b, x, y, z), z += 4;
+      if (z + 4 <= end) ForwardRow<K, NV, 4, false>(in, w, out, d, b, x, y, z), z += 4;
     }
     if constexpr (kBlock > 2) {
-      if (z + 2 <= end) ForwardRow<NV, 2, false>(in, w, out, d, b, x, y, z), z += 2;
+      if (z + 2 <= end) ForwardRow<K, NV, 2, false>(in, w, out, d, b, x, y, z), z += 2;
     }
-    for (; z < end; ++z) ForwardRow<NV, 1, false>(in, w, out, d, b, x, y, z);
-    ForwardRow<NV, 1, true>(in, w, out, d, b, x, y, end);
+    for (; z < end; ++z) ForwardRow<K, NV, 1, false>(in, w, out, d, b, x, y, z);
+    if (h) ForwardRow<K, NV, 1, true>(in, w, out, d, b, x, y, end);
   }
 }
 
@@ -224,20 +231,21 @@ inline void KernelGradBlock(const float* __restrict row_in, const float* __restr
 template <int NV>
 constexpr int kGradBlock = NV == 1 ? 16 : NV == 2 ? 8 : NV <= 4 ? 6 : 2;
 
-// Adds the kernel gradient of the output plane (b, x) to dw ([27, Cin, Cout]).
-template <int NV>
+// Adds the kernel gradient of the output plane (b, x) to dw ([K^3, Cin, Cout]).
+template <int K, int NV>
 void KernelGradPlane(const float* in, const float* dy, float* dw, const Dims& d, int64_t b,
                      int64_t x) {
   constexpr int kCout = NV * 8;
   const int64_t cin = d.cin;
   for (int64_t y = 0; y < d.y; ++y) {
     const float* row_dy = dy + ((b * d.x + x) * d.y + y) * d.z * kCout;
-    ForNeighbourRows(d, b, x, y, [&](int kx, int ky, int64_t r) {
+    ForNeighbourRows<K>(d, b, x, y, [&](int kx, int ky, int64_t r) {
       const float* row_in = in + r * d.z * cin;
-      for (int kz = 0; kz < 3; ++kz) {
-        // Output z whose input z + kz - 1 lies inside [0, Z).
-        const int64_t zlo = kz == 0 ? 1 : 0, zhi = kz == 2 ? d.z - 1 : d.z, shift = kz - 1;
-        float* tap = dw + ((kx * 3 + ky) * 3 + kz) * cin * kCout;
+      for (int kz = 0; kz < K; ++kz) {
+        // Output z whose input z + shift lies inside [0, Z).
+        const int64_t shift = kz - K / 2;
+        const int64_t zlo = std::max<int64_t>(0, -shift), zhi = std::min(d.z, d.z - shift);
+        float* tap = dw + ((kx * K + ky) * K + kz) * cin * kCout;
         Blocked<kGradBlock<NV>>(0, cin, [&](auto block, int64_t c) {
           KernelGradBlock<NV, decltype(block)::value>(row_in, row_dy, tap, cin, c, zlo, zhi, shift);
         });
@@ -264,24 +272,39 @@ void DispatchCout(int64_t cout, Fn fn) {
 
 bool SupportedCout(int64_t cout) { return cout > 0 && cout <= 64 && cout % 8 == 0; }
 
+// Calls fn(std::integral_constant<int, K>()) for kernel size K (checked: 1 or 3) and NV.
+template <typename Fn>
+void Dispatch(int64_t k, int64_t cout, Fn fn) {
+  DispatchCout(cout, [&](auto nv) {
+    if (k == 1) return fn(std::integral_constant<int, 1>(), nv);
+    fn(std::integral_constant<int, 3>(), nv);
+  });
+}
+
+// Whether dims [K, K, K, Cin, Cout] describe a kernel these functions compute.
+bool SupportedKernel(ffi::Span<const int64_t> k, int64_t cin) {
+  return k.size() == 5 && (k[0] == 1 || k[0] == 3) && k[1] == k[0] && k[2] == k[0] &&
+         k[3] == cin && SupportedCout(k[4]);
+}
+
 ffi::Error Forward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> kernel,
                    ffi::ResultBuffer<ffi::F32> y) {
   if (x.dimensions().size() != 5 || kernel.dimensions().size() != 5)
-    return ffi::Error::InvalidArgument("conv3x3x3 forward: expects rank-5 x and kernel");
+    return ffi::Error::InvalidArgument("conv forward: expects rank-5 x and kernel");
   const auto xs = x.dimensions();
   const auto ks = kernel.dimensions();
   const Dims d{xs[0], xs[1], xs[2], xs[3], xs[4], ks[4]};
-  if (ks[0] != 3 || ks[1] != 3 || ks[2] != 3 || ks[3] != d.cin)
-    return ffi::Error::InvalidArgument("conv3x3x3 forward: kernel must be [3, 3, 3, Cin, Cout]");
-  if (!SupportedCout(d.cout))
-    return ffi::Error::InvalidArgument("conv3x3x3 forward: Cout must be a multiple of 8, <= 64");
+  if (!SupportedKernel(ks, d.cin))
+    return ffi::Error::InvalidArgument(
+        "conv forward: kernel must be [K, K, K, Cin, Cout], K 1 or 3, Cout a multiple of 8 <= 64");
   const float* in = x.typed_data();
   const float* w = kernel.typed_data();
   float* out = y->typed_data();
   const int64_t units = d.b * d.x;
   ParallelUnits(pool, units, Workers(pool, units), [&](int64_t unit) {
-    DispatchCout(d.cout, [&](auto nv) {
-      ForwardPlane<decltype(nv)::value>(in, w, out, d, unit / d.x, unit % d.x);
+    Dispatch(ks[0], d.cout, [&](auto k, auto nv) {
+      ForwardPlane<decltype(k)::value, decltype(nv)::value>(in, w, out, d, unit / d.x,
+                                                              unit % d.x);
     });
   });
   return ffi::Error::Success();
@@ -290,28 +313,31 @@ ffi::Error Forward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ff
 ffi::Error KernelGrad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> dy,
                       ffi::ResultBuffer<ffi::F32> dw) {
   if (x.dimensions().size() != 5 || dy.dimensions().size() != 5)
-    return ffi::Error::InvalidArgument("conv3x3x3 kernel grad: expects rank-5 x and dy");
+    return ffi::Error::InvalidArgument("conv kernel grad: expects rank-5 x and dy");
   const auto xs = x.dimensions();
   const auto gs = dy.dimensions();
+  const auto ks = dw->dimensions();
   const Dims d{xs[0], xs[1], xs[2], xs[3], xs[4], gs[4]};
   if (gs[0] != d.b || gs[1] != d.x || gs[2] != d.y || gs[3] != d.z)
-    return ffi::Error::InvalidArgument("conv3x3x3 kernel grad: x and dy grids differ");
-  if (!SupportedCout(d.cout))
-    return ffi::Error::InvalidArgument("conv3x3x3 kernel grad: Cout must be a multiple of 8, <= 64");
+    return ffi::Error::InvalidArgument("conv kernel grad: x and dy grids differ");
+  if (!SupportedKernel(ks, d.cin) || ks[4] != d.cout)
+    return ffi::Error::InvalidArgument(
+        "conv kernel grad: dw must be [K, K, K, Cin, Cout], K 1 or 3, Cout a multiple of 8 <= 64");
   // The (batch, x) planes in kChunks fixed contiguous chunks, each summed into its own
   // accumulator and the accumulators added in chunk order: the same bits whichever thread
   // runs which chunk (training must be reproducible), and no atomics in the inner loops.
   constexpr int64_t kChunks = 16;
   const int64_t planes = d.b * d.x, chunks = std::min(planes, kChunks);
-  const int64_t size = 27 * d.cin * d.cout;
+  const int64_t size = ks[0] * ks[0] * ks[0] * d.cin * d.cout;
   std::vector<float> partial(static_cast<size_t>(chunks * size), 0.0f);
   float* parts = partial.data();
   const float* in = x.typed_data();
   const float* g = dy.typed_data();
   ParallelUnits(pool, chunks, Workers(pool, chunks), [&](int64_t chunk) {
-    DispatchCout(d.cout, [&](auto nv) {
+    Dispatch(ks[0], d.cout, [&](auto k, auto nv) {
       for (int64_t p = chunk * planes / chunks; p < (chunk + 1) * planes / chunks; ++p)
-        KernelGradPlane<decltype(nv)::value>(in, g, parts + chunk * size, d, p / d.x, p % d.x);
+        KernelGradPlane<decltype(k)::value, decltype(nv)::value>(in, g, parts + chunk * size, d,
+                                                                   p / d.x, p % d.x);
     });
   });
   float* out = dw->typed_data();
@@ -325,14 +351,14 @@ ffi::Error KernelGrad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer
 
 }  // namespace
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(ProgressionConv3x3x3Forward, Forward,
+XLA_FFI_DEFINE_HANDLER_SYMBOL(ProgressionConvForward, Forward,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>());
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(ProgressionConv3x3x3KernelGrad, KernelGrad,
+XLA_FFI_DEFINE_HANDLER_SYMBOL(ProgressionConvKernelGrad, KernelGrad,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::F32>>()

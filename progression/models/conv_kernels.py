@@ -37,10 +37,9 @@ Array = jax.Array
 SOURCE = Path(__file__).with_name('conv_kernels.cc')
 FLAGS = ('-O3', '-march=native', '-std=c++17', '-shared', '-fPIC')
 MAX_CHANNELS = 64  # Output channels: a multiple of 8 up to this.
-_TARGETS = {'forward': 'progression_conv3x3x3_forward',
-            'kernel_grad': 'progression_conv3x3x3_kernel_grad'}
-_SYMBOLS = {'forward': 'ProgressionConv3x3x3Forward',
-            'kernel_grad': 'ProgressionConv3x3x3KernelGrad'}
+_TARGETS = {'forward': 'progression_conv_forward', 'kernel_grad': 'progression_conv_kernel_grad'}
+_SYMBOLS = {'forward': 'ProgressionConvForward', 'kernel_grad': 'ProgressionConvKernelGrad'}
+SIZES = (3, 1)  # Kernel sizes: 3x3x3 convolutions and pointwise (1x1x1) ones.
 
 
 def supports(out_channels: int, dtype) -> bool:
@@ -143,8 +142,8 @@ def _require() -> None:
 
 
 def forward(x: Array, kernel: Array) -> Array:
-  """'SAME' 3x3x3 cross-correlation: x [B,X,Y,Z,Cin] float32, kernel [3,3,3,Cin,Cout]
-  (Cout supported, see `supports`) -> [B,X,Y,Z,Cout]."""
+  """'SAME' KxKxK cross-correlation: x [B,X,Y,Z,Cin] float32, kernel [K,K,K,Cin,Cout] (K in
+  `SIZES`, Cout supported, see `supports`) -> [B,X,Y,Z,Cout]."""
   _require()
   call = jax.ffi.ffi_call(_TARGETS['forward'],
                           jax.ShapeDtypeStruct(x.shape[:-1] + kernel.shape[-1:], x.dtype),
@@ -152,11 +151,11 @@ def forward(x: Array, kernel: Array) -> Array:
   return call(x, kernel)
 
 
-def kernel_grad(x: Array, dy: Array) -> Array:
-  """Gradient [3,3,3,Cin,Cout] of sum(forward(x, kernel) * dy) with respect to the kernel,
-  for x [B,X,Y,Z,Cin] and dy [B,X,Y,Z,Cout] (Cout supported)."""
+def kernel_grad(x: Array, dy: Array, size: int = 3) -> Array:
+  """Gradient [K,K,K,Cin,Cout] (K = `size`, in `SIZES`) of sum(forward(x, kernel) * dy) with
+  respect to the kernel, for x [B,X,Y,Z,Cin] and dy [B,X,Y,Z,Cout] (Cout supported)."""
   _require()
   call = jax.ffi.ffi_call(_TARGETS['kernel_grad'],
-                          jax.ShapeDtypeStruct((3, 3, 3, x.shape[-1], dy.shape[-1]), x.dtype),
+                          jax.ShapeDtypeStruct((size,) * 3 + (x.shape[-1], dy.shape[-1]), x.dtype),
                           vmap_method='sequential')
   return call(x, dy)

@@ -43,17 +43,19 @@ class ResBlock(nn.Module):
     """x: [B, X, Y, Z, Cin], cond: [B, E] or None -> [B, X, Y, Z, features]."""
     f = self.features
     groups = num_groups_for(f, self.max_groups)
-    h = layers.Conv3D(f, impl=self.conv_impl, dtype=self.dtype, name='conv1')(x)
-    h = layers.GroupNorm(groups, name='norm1')(h)  # float32, like its statistics
+    h, bias = layers.Conv3D(f, impl=self.conv_impl, dtype=self.dtype, name='conv1')(
+        x, fold_bias=True)
+    film = None
     if cond is not None:
-      film = nn.Dense(2 * f, kernel_init=nn.initializers.zeros_init(), name='film')(
-          cond.astype(jnp.float32))
-      gamma, beta = jnp.split(film[:, None, None, None, :], 2, axis=-1)
-      h = h * (1.0 + gamma) + beta
-    h = nn.silu(h).astype(self.dtype or x.dtype)
-    h = layers.Conv3D(f, impl=self.conv_impl, dtype=self.dtype, name='conv2')(h)
-    h = nn.silu(layers.GroupNorm(groups, name='norm2')(h))
-    skip = x if x.shape[-1] == f else nn.Dense(f, dtype=self.dtype, name='skip')(x)
+      film = jnp.split(nn.Dense(2 * f, kernel_init=nn.initializers.zeros_init(), name='film')(
+          cond.astype(jnp.float32)), 2, axis=-1)
+    # Normalisation, FiLM and SiLU in float32, like the statistics.
+    h = layers.GroupNorm(groups, name='norm1')(h, film=film, silu=True, offset=bias)
+    h, bias = layers.Conv3D(f, impl=self.conv_impl, dtype=self.dtype, name='conv2')(
+        h.astype(self.dtype or x.dtype), fold_bias=True)
+    h = layers.GroupNorm(groups, name='norm2')(h, silu=True, offset=bias)
+    skip = x if x.shape[-1] == f else layers.Pointwise(f, impl=self.conv_impl, dtype=self.dtype,
+                                                       name='skip')(x)
     return (h + skip).astype(self.dtype or x.dtype)
 
 
