@@ -65,6 +65,29 @@ def test_compiled_conv_values_and_grads_match_xla(shape, cout):
 
 
 @needs_kernels
+@pytest.mark.parametrize('coarse,cin,cout', [((2, 3, 4, 5), 5, 8), ((1, 2, 2, 13), 16, 32),
+                                             ((1, 4, 3, 2), 64, 64), ((2, 1, 1, 1), 3, 16)])
+def test_resample_and_its_kernel_grad_match_xla(coarse, cin, cout):
+  """Down = stride-2 kernel-2 convolution; up = its transpose (XLA's input gradient of it):
+  values and kernel gradients, z rows that hit every block remainder."""
+  fine = (coarse[0],) + tuple(2 * n for n in coarse[1:]) + (cin,)
+  kernel = 0.3 * _x((2, 2, 2, cin, cout), 1)
+  strided = lambda x, k: jax.lax.conv_general_dilated(
+      x, k, (2, 2, 2), 'VALID', dimension_numbers=('NDHWC', 'DHWIO', 'NDHWC'))
+  x_fine, dy_coarse = _x(fine), _x(coarse + (cout,), 2)
+  _assert_close(conv_kernels.resample(x_fine, kernel, up=False), strided(x_fine, kernel))
+  (want,) = jax.vjp(lambda k: strided(x_fine, k), kernel)[1](dy_coarse)
+  _assert_close(conv_kernels.resample_kernel_grad(x_fine, dy_coarse, up=False), want)
+  # Up with kernel w is the input gradient of down with w's channel axes swapped.
+  x_coarse, dy_fine = _x(coarse + (cin,), 3), _x(fine[:-1] + (cout,), 4)
+  up_xla = lambda x, k: jax.vjp(lambda f: strided(f, k.swapaxes(3, 4)),
+                                jnp.zeros(fine[:-1] + (cout,)))[1](x)[0]
+  _assert_close(conv_kernels.resample(x_coarse, kernel, up=True), up_xla(x_coarse, kernel))
+  (want,) = jax.vjp(lambda k: up_xla(x_coarse, k), kernel)[1](dy_fine)
+  _assert_close(conv_kernels.resample_kernel_grad(x_coarse, dy_fine, up=True), want)
+
+
+@needs_kernels
 def test_kernel_grad_is_bitwise_reproducible():
   """The kernel gradient sums fixed chunks of planes in a fixed order (training resumes
   bit-exactly), whichever pool thread runs which chunk."""

@@ -70,12 +70,25 @@ def test_conv3d_dtype_and_errors():
     layers.Conv3D(3).init(jax.random.PRNGKey(0), x[0])
 
 
-@pytest.mark.parametrize('shape', [(2, 4, 6, 8, 3), (1, 2, 2, 2, 1)])
-def test_downsample_matches_strided_nn_conv(shape):
+# (shape, features): the compiled kernels compute 5 outputs padded to 8, 16 -> 32 as they
+# are, and leave 72 outputs and the 72-channel input gradient to XLA.
+RESAMPLE_CASES = [((2, 4, 6, 8, 3), 5), ((1, 2, 2, 2, 1), 5), ((1, 4, 2, 6, 16), 32),
+                  ((1, 2, 4, 2, 8), 72), ((1, 2, 2, 4, 72), 16)]
+
+
+def _skip_unless_available(impl):
+  if impl == 'compiled' and not conv_kernels.available():
+    pytest.skip(conv_kernels.unavailable_reason())
+
+
+@pytest.mark.parametrize('impl', ['compiled', 'native'])
+@pytest.mark.parametrize('shape,features', RESAMPLE_CASES)
+def test_downsample_matches_strided_nn_conv(shape, features, impl):
+  _skip_unless_available(impl)
   x = _x(shape)
-  ref = nn.Conv(5, (2, 2, 2), strides=(2, 2, 2), padding='VALID')
+  ref = nn.Conv(features, (2, 2, 2), strides=(2, 2, 2), padding='VALID')
   params = jax.tree.map(lambda p: p + 0.1, ref.init(jax.random.PRNGKey(1), x))
-  ours = layers.Downsample(5)
+  ours = layers.Downsample(features, impl)
   assert jax.tree.map(jnp.shape, ours.init(jax.random.PRNGKey(2), x)) == jax.tree.map(
       jnp.shape, params)
   np.testing.assert_allclose(jax.jit(ours.apply)(params, x), ref.apply(params, x), **TOL)
@@ -89,16 +102,19 @@ def test_downsample_odd_size_is_a_clear_error():
     layers.Downsample(2).init(jax.random.PRNGKey(0), _x((1, 5, 4, 4, 1)))
 
 
-@pytest.mark.parametrize('shape', [(2, 3, 4, 5, 3), (1, 1, 2, 1, 2)])
-def test_upsample_matches_nn_conv_transpose(shape):
+@pytest.mark.parametrize('impl', ['compiled', 'native'])
+@pytest.mark.parametrize('shape,features', [((2, 3, 4, 5, 3), 4), ((1, 1, 2, 1, 2), 4)]
+                         + RESAMPLE_CASES[2:])
+def test_upsample_matches_nn_conv_transpose(shape, features, impl):
+  _skip_unless_available(impl)
   x = _x(shape)
-  ref = nn.ConvTranspose(4, (2, 2, 2), strides=(2, 2, 2))
+  ref = nn.ConvTranspose(features, (2, 2, 2), strides=(2, 2, 2))
   params = jax.tree.map(lambda p: p + 0.1, ref.init(jax.random.PRNGKey(1), x))
-  ours = layers.Upsample2x(4)
+  ours = layers.Upsample2x(features, impl)
   assert jax.tree.map(jnp.shape, ours.init(jax.random.PRNGKey(2), x)) == jax.tree.map(
       jnp.shape, params)
   out = jax.jit(ours.apply)(params, x)
-  assert out.shape == (shape[0], 2 * shape[1], 2 * shape[2], 2 * shape[3], 4)
+  assert out.shape == (shape[0], 2 * shape[1], 2 * shape[2], 2 * shape[3], features)
   np.testing.assert_allclose(out, ref.apply(params, x), **TOL)
   gl = lambda m: jax.grad(lambda p, x: jnp.sum(jnp.sin(m.apply(p, x))), argnums=(0, 1))
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4),

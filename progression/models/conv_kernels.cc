@@ -1,5 +1,5 @@
-// KxKxK (K = 3 or 1) 'SAME' stride-1 float32 convolution kernels for XLA:CPU, called through
-// the XLA FFI.
+// KxKxK (K = 3 or 1) 'SAME' stride-1 float32 convolution kernels, and kernel-2 stride-2
+// down/upsampling kernels (at the end), for XLA:CPU, called through the XLA FFI.
 //
 // XLA:CPU's convolutions run our thin 3D layers (8-64 channels) at 20-100 GFLOP/s and its
 // kernel gradients at 20-80; these direct kernels, written for channels-last data and small
@@ -196,25 +196,26 @@ void ForwardPlane(const float* in, const float* w, float* out, const Dims& d, in
 
 // ---- kernel gradient ----------------------------------------------------------------------
 
-// Adds sum_z in[z + shift, ci0 .. ci0+CB-1] * dy[z, :] (z in [zlo, zhi)) to tap[ci, :].
+// Adds sum_{n < count} src[n * src_step + ci0 .. ci0+CB-1] * dy[n * dy_step + (0 .. Cout-1)]
+// to tap[ci, :] (the steps: Cin and Cout along a row, twice that for every other voxel).
 template <int NV, int CB>
-inline void KernelGradBlock(const float* __restrict row_in, const float* __restrict row_dy,
-                            float* __restrict tap, int64_t cin, int64_t ci0, int64_t zlo,
-                            int64_t zhi, int64_t shift) {
+inline void KernelGradBlock(const float* __restrict src, int64_t src_step,
+                            const float* __restrict dy, int64_t dy_step, float* __restrict tap,
+                            int64_t ci0, int64_t count) {
   constexpr int kCout = NV * 8;
   v8 acc[CB][NV];
 #pragma GCC unroll 16
   for (int c = 0; c < CB; ++c)
 #pragma GCC unroll 8
     for (int v = 0; v < NV; ++v) acc[c][v] = v8{};
-  for (int64_t z = zlo; z < zhi; ++z) {
+  for (int64_t n = 0; n < count; ++n) {
     v8 g[NV];
 #pragma GCC unroll 8
-    for (int v = 0; v < NV; ++v) g[v] = Load(row_dy + z * kCout + 8 * v);
-    const float* src = row_in + (z + shift) * cin + ci0;
+    for (int v = 0; v < NV; ++v) g[v] = Load(dy + n * dy_step + 8 * v);
+    const float* in = src + n * src_step + ci0;
 #pragma GCC unroll 16
     for (int c = 0; c < CB; ++c) {
-      const float s = src[c];
+      const float s = in[c];
 #pragma GCC unroll 8
       for (int v = 0; v < NV; ++v) acc[c][v] += s * g[v];
     }
@@ -247,10 +248,132 @@ void KernelGradPlane(const float* in, const float* dy, float* dw, const Dims& d,
         const int64_t zlo = std::max<int64_t>(0, -shift), zhi = std::min(d.z, d.z - shift);
         float* tap = dw + ((kx * K + ky) * K + kz) * cin * kCout;
         Blocked<kGradBlock<NV>>(0, cin, [&](auto block, int64_t c) {
-          KernelGradBlock<NV, decltype(block)::value>(row_in, row_dy, tap, cin, c, zlo, zhi, shift);
+          KernelGradBlock<NV, decltype(block)::value>(row_in + (zlo + shift) * cin, cin,
+                                                      row_dy + zlo * kCout, kCout, tap, c,
+                                                      zhi - zlo);
         });
       }
     });
+  }
+}
+
+// ---- 2x resampling: kernel 2, stride 2 -----------------------------------------------------
+//
+// On a coarse grid [B, X, Y, Z] and its fine grid [B, 2X, 2Y, 2Z], with the 8 offsets
+// o = (i, j, k) in {0, 1}^3 (tap index (i * 2 + j) * 2 + k of a [2, 2, 2, Cin, Cout] kernel):
+//   down (fine -> coarse):  out[X, co] = sum_{o, ci} in[2X + o, ci] * w[o, ci, co]
+//   up (coarse -> fine):    out[2X + o, co] = sum_ci in[X, ci] * w[o, ci, co]
+// and their kernel gradients dw[o, ci, co] = sum_X in[2X + o, ci] * dy[X, co] (down) and
+// sum_X in[X, ci] * dy[2X + o, co] (up). Each is the other's input gradient with the kernel's
+// channel axes swapped (done by the caller). Work is split over coarse (b, X) planes.
+
+// Down: coarse positions z0 .. z0+ZB-1 of coarse row (b, x, y); d holds the coarse grid.
+template <int NV, int ZB>
+inline void DownRow(const float* __restrict in, const float* __restrict w,
+                    float* __restrict out, const Dims& d, int64_t b, int64_t x, int64_t y,
+                    int64_t z0) {
+  constexpr int kCout = NV * 8;
+  const int64_t cin = d.cin;
+  v8 acc[ZB][NV];
+#pragma GCC unroll 16
+  for (int n = 0; n < ZB; ++n)
+#pragma GCC unroll 8
+    for (int v = 0; v < NV; ++v) acc[n][v] = v8{};
+  for (int o = 0; o < 8; ++o) {
+    const int i = o >> 2, j = (o >> 1) & 1, k = o & 1;
+    const float* src = in + (((b * 2 * d.x + 2 * x + i) * 2 * d.y + 2 * y + j) * 2 * d.z +
+                             2 * z0 + k) * cin;
+    const float* tap = w + o * cin * kCout;
+    for (int64_t ci = 0; ci < cin; ++ci) {
+      v8 wv[NV];
+#pragma GCC unroll 8
+      for (int v = 0; v < NV; ++v) wv[v] = Load(tap + ci * kCout + 8 * v);
+#pragma GCC unroll 16
+      for (int n = 0; n < ZB; ++n) {
+        const float s = src[2 * n * cin + ci];
+#pragma GCC unroll 8
+        for (int v = 0; v < NV; ++v) acc[n][v] += s * wv[v];
+      }
+    }
+  }
+  float* dst = out + (((b * d.x + x) * d.y + y) * d.z + z0) * kCout;
+#pragma GCC unroll 16
+  for (int n = 0; n < ZB; ++n)
+#pragma GCC unroll 8
+    for (int v = 0; v < NV; ++v) Store(dst + n * kCout + 8 * v, acc[n][v]);
+}
+
+// Up: the fine outputs of coarse positions z0 .. z0+ZB-1 of coarse row (b, x, y), one
+// offset at a time.
+template <int NV, int ZB>
+inline void UpRow(const float* __restrict in, const float* __restrict w, float* __restrict out,
+                  const Dims& d, int64_t b, int64_t x, int64_t y, int64_t z0) {
+  constexpr int kCout = NV * 8;
+  const int64_t cin = d.cin;
+  const float* src = in + (((b * d.x + x) * d.y + y) * d.z + z0) * cin;
+  for (int o = 0; o < 8; ++o) {
+    const int i = o >> 2, j = (o >> 1) & 1, k = o & 1;
+    const float* tap = w + o * cin * kCout;
+    v8 acc[ZB][NV];
+#pragma GCC unroll 16
+    for (int n = 0; n < ZB; ++n)
+#pragma GCC unroll 8
+      for (int v = 0; v < NV; ++v) acc[n][v] = v8{};
+    for (int64_t ci = 0; ci < cin; ++ci) {
+      v8 wv[NV];
+#pragma GCC unroll 8
+      for (int v = 0; v < NV; ++v) wv[v] = Load(tap + ci * kCout + 8 * v);
+#pragma GCC unroll 16
+      for (int n = 0; n < ZB; ++n) {
+        const float s = src[n * cin + ci];
+#pragma GCC unroll 8
+        for (int v = 0; v < NV; ++v) acc[n][v] += s * wv[v];
+      }
+    }
+    float* dst = out + (((b * 2 * d.x + 2 * x + i) * 2 * d.y + 2 * y + j) * 2 * d.z +
+                        2 * z0 + k) * kCout;
+#pragma GCC unroll 16
+    for (int n = 0; n < ZB; ++n)
+#pragma GCC unroll 8
+      for (int v = 0; v < NV; ++v) Store(dst + 2 * n * kCout + 8 * v, acc[n][v]);
+  }
+}
+
+template <bool kUp, int NV>
+void ResamplePlane(const float* in, const float* w, float* out, const Dims& d, int64_t b,
+                   int64_t x) {
+  for (int64_t y = 0; y < d.y; ++y) {
+    Blocked<kForwardBlock<NV>>(0, d.z, [&](auto block, int64_t z) {
+      constexpr int kZB = decltype(block)::value;
+      if constexpr (kUp) {
+        UpRow<NV, kZB>(in, w, out, d, b, x, y, z);
+      } else {
+        DownRow<NV, kZB>(in, w, out, d, b, x, y, z);
+      }
+    });
+  }
+}
+
+// Adds the kernel gradient ([8, Cin, Cout]) of coarse plane (b, x) to dw.
+template <bool kUp, int NV>
+void ResampleKernelGradPlane(const float* in, const float* dy, float* dw, const Dims& d,
+                             int64_t b, int64_t x) {
+  constexpr int kCout = NV * 8;
+  const int64_t cin = d.cin;
+  for (int64_t y = 0; y < d.y; ++y) {
+    const int64_t coarse = ((b * d.x + x) * d.y + y) * d.z;
+    for (int o = 0; o < 8; ++o) {
+      const int i = o >> 2, j = (o >> 1) & 1, k = o & 1;
+      const int64_t fine = ((b * 2 * d.x + 2 * x + i) * 2 * d.y + 2 * y + j) * 2 * d.z + k;
+      // The fine grid's array is read at every other z position.
+      const float* src = kUp ? in + coarse * cin : in + fine * cin;
+      const float* g = kUp ? dy + fine * kCout : dy + coarse * kCout;
+      const int64_t src_step = kUp ? cin : 2 * cin, dy_step = kUp ? 2 * kCout : kCout;
+      Blocked<kGradBlock<NV>>(0, cin, [&](auto block, int64_t c) {
+        KernelGradBlock<NV, decltype(block)::value>(src, src_step, g, dy_step,
+                                                    dw + o * cin * kCout, c, d.z);
+      });
+    }
   }
 }
 
@@ -285,6 +408,28 @@ void Dispatch(int64_t k, int64_t cout, Fn fn) {
 bool SupportedKernel(ffi::Span<const int64_t> k, int64_t cin) {
   return k.size() == 5 && (k[0] == 1 || k[0] == 3) && k[1] == k[0] && k[2] == k[0] &&
          k[3] == cin && SupportedCout(k[4]);
+}
+
+// out[0 .. size) = the sum over planes p of what add_plane(acc, p) adds to a zeroed acc. The
+// planes go in kChunks fixed contiguous chunks, each summed into its own accumulator and the
+// accumulators added in chunk order: the same bits whichever thread runs which chunk
+// (training must be reproducible), and no atomics in the inner loops.
+template <typename Fn>
+void SumOverPlanes(ffi::ThreadPool& pool, int64_t planes, int64_t size, float* out,
+                   Fn add_plane) {
+  constexpr int64_t kChunks = 16;
+  const int64_t chunks = std::min(planes, kChunks);
+  std::vector<float> partial(static_cast<size_t>(chunks * size), 0.0f);
+  float* parts = partial.data();
+  ParallelUnits(pool, chunks, Workers(pool, chunks), [&](int64_t chunk) {
+    for (int64_t p = chunk * planes / chunks; p < (chunk + 1) * planes / chunks; ++p)
+      add_plane(parts + chunk * size, p);
+  });
+  for (int64_t i = 0; i < size; ++i) {
+    float sum = 0.0f;
+    for (int64_t c = 0; c < chunks; ++c) sum += parts[c * size + i];
+    out[i] = sum;
+  }
 }
 
 ffi::Error Forward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> kernel,
@@ -323,29 +468,74 @@ ffi::Error KernelGrad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer
   if (!SupportedKernel(ks, d.cin) || ks[4] != d.cout)
     return ffi::Error::InvalidArgument(
         "conv kernel grad: dw must be [K, K, K, Cin, Cout], K 1 or 3, Cout a multiple of 8 <= 64");
-  // The (batch, x) planes in kChunks fixed contiguous chunks, each summed into its own
-  // accumulator and the accumulators added in chunk order: the same bits whichever thread
-  // runs which chunk (training must be reproducible), and no atomics in the inner loops.
-  constexpr int64_t kChunks = 16;
-  const int64_t planes = d.b * d.x, chunks = std::min(planes, kChunks);
   const int64_t size = ks[0] * ks[0] * ks[0] * d.cin * d.cout;
-  std::vector<float> partial(static_cast<size_t>(chunks * size), 0.0f);
-  float* parts = partial.data();
   const float* in = x.typed_data();
   const float* g = dy.typed_data();
-  ParallelUnits(pool, chunks, Workers(pool, chunks), [&](int64_t chunk) {
+  SumOverPlanes(pool, d.b * d.x, size, dw->typed_data(), [&](float* acc, int64_t p) {
     Dispatch(ks[0], d.cout, [&](auto k, auto nv) {
-      for (int64_t p = chunk * planes / chunks; p < (chunk + 1) * planes / chunks; ++p)
-        KernelGradPlane<decltype(k)::value, decltype(nv)::value>(in, g, parts + chunk * size, d,
-                                                                   p / d.x, p % d.x);
+      KernelGradPlane<decltype(k)::value, decltype(nv)::value>(in, g, acc, d, p / d.x, p % d.x);
     });
   });
-  float* out = dw->typed_data();
-  for (int64_t i = 0; i < size; ++i) {
-    float sum = 0.0f;
-    for (int64_t c = 0; c < chunks; ++c) sum += parts[c * size + i];
-    out[i] = sum;
-  }
+  return ffi::Error::Success();
+}
+
+// The coarse grid of a 2x resampling between `coarse` and `fine` arrays, or false when the
+// fine grid is not exactly twice the coarse one.
+bool CoarseDims(ffi::Span<const int64_t> coarse, ffi::Span<const int64_t> fine, Dims& d) {
+  if (coarse.size() != 5 || fine.size() != 5 || fine[0] != coarse[0]) return false;
+  for (int a = 1; a < 4; ++a)
+    if (fine[a] != 2 * coarse[a]) return false;
+  d.b = coarse[0], d.x = coarse[1], d.y = coarse[2], d.z = coarse[3];
+  return true;
+}
+
+// Down (kUp false: x fine, y coarse) or up (x coarse, y fine) resampling.
+template <bool kUp>
+ffi::Error Resample(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> kernel,
+                    ffi::ResultBuffer<ffi::F32> y) {
+  const auto ks = kernel.dimensions();
+  Dims d{};
+  if (!CoarseDims(kUp ? x.dimensions() : y->dimensions(),
+                  kUp ? y->dimensions() : x.dimensions(), d))
+    return ffi::Error::InvalidArgument("resample: the fine grid must be twice the coarse one");
+  d.cin = x.dimensions()[4], d.cout = ks.size() == 5 ? ks[4] : 0;
+  if (ks.size() != 5 || ks[0] != 2 || ks[1] != 2 || ks[2] != 2 || ks[3] != d.cin ||
+      !SupportedCout(d.cout))
+    return ffi::Error::InvalidArgument(
+        "resample: kernel must be [2, 2, 2, Cin, Cout], Cout a multiple of 8 <= 64");
+  const float* in = x.typed_data();
+  const float* w = kernel.typed_data();
+  float* out = y->typed_data();
+  const int64_t units = d.b * d.x;
+  ParallelUnits(pool, units, Workers(pool, units), [&](int64_t unit) {
+    DispatchCout(d.cout, [&](auto nv) {
+      ResamplePlane<kUp, decltype(nv)::value>(in, w, out, d, unit / d.x, unit % d.x);
+    });
+  });
+  return ffi::Error::Success();
+}
+
+template <bool kUp>
+ffi::Error ResampleKernelGrad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
+                              ffi::Buffer<ffi::F32> dy, ffi::ResultBuffer<ffi::F32> dw) {
+  const auto ks = dw->dimensions();
+  Dims d{};
+  if (!CoarseDims(kUp ? x.dimensions() : dy.dimensions(),
+                  kUp ? dy.dimensions() : x.dimensions(), d))
+    return ffi::Error::InvalidArgument(
+        "resample kernel grad: the fine grid must be twice the coarse one");
+  d.cin = x.dimensions()[4], d.cout = dy.dimensions()[4];
+  if (ks.size() != 5 || ks[0] != 2 || ks[1] != 2 || ks[2] != 2 || ks[3] != d.cin ||
+      ks[4] != d.cout || !SupportedCout(d.cout))
+    return ffi::Error::InvalidArgument(
+        "resample kernel grad: dw must be [2, 2, 2, Cin, Cout], Cout a multiple of 8 <= 64");
+  const float* in = x.typed_data();
+  const float* g = dy.typed_data();
+  SumOverPlanes(pool, d.b * d.x, 8 * d.cin * d.cout, dw->typed_data(), [&](float* acc, int64_t p) {
+    DispatchCout(d.cout, [&](auto nv) {
+      ResampleKernelGradPlane<kUp, decltype(nv)::value>(in, g, acc, d, p / d.x, p % d.x);
+    });
+  });
   return ffi::Error::Success();
 }
 
@@ -359,6 +549,34 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(ProgressionConvForward, Forward,
                                   .Ret<ffi::Buffer<ffi::F32>>());
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(ProgressionConvKernelGrad, KernelGrad,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(ProgressionDownForward, (Resample<false>),
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(ProgressionUpForward, (Resample<true>),
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(ProgressionDownKernelGrad, (ResampleKernelGrad<false>),
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(ProgressionUpKernelGrad, (ResampleKernelGrad<true>),
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::F32>>()

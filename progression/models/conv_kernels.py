@@ -1,12 +1,16 @@
-"""Compiled 3x3x3 convolution kernels for XLA:CPU (`conv_kernels.cc`, an XLA FFI custom call).
+"""Compiled convolution kernels for XLA:CPU (`conv_kernels.cc`, XLA FFI custom calls).
 
 XLA:CPU runs our thin channels-last 3D convolutions at 20-100 GFLOP/s and their kernel
-gradients at 20-80 GFLOP/s even in the depth-tap form of `layers`; the direct kernels in
-`conv_kernels.cc` run the forward at 100-210 and the kernel gradient at 110-200 GFLOP/s on the
-2-core AVX-512 machines (`experiments/benchmark.py`). `layers.conv3x3x3(impl='compiled')`
-uses them for the forward and both gradients, output channels zero-padded to a multiple of 8
-(`padded_channels`), and the depth-tap form of `layers` beyond 64 channels or for other
-dtypes than float32.
+gradients at 20-80 GFLOP/s even in the depth-tap form of `layers`, and the U-Net's thin
+matmuls (1x1x1 skip projections, the kernel-2 stride-2 down/up sampling with their
+space-to-depth transposes) at ~20. The direct kernels in `conv_kernels.cc` run the 3x3x3
+forward at 100-210 and its kernel gradient at 110-200 GFLOP/s on the 2-core AVX-512 machines
+(`experiments/benchmark.py`), and compute those other layers without a transpose:
+  * `forward` / `kernel_grad`: 'SAME' KxKxK convolutions, K = 3 or 1 (pointwise);
+  * `resample` / `resample_kernel_grad`: kernel-2 stride-2 down- and upsampling.
+`layers` uses them for the forward and both gradients of `conv3x3x3`, `Pointwise`,
+`Downsample` and `Upsample2x` (impl 'compiled'), output channels zero-padded to a multiple
+of 8 (`padded_channels`), and XLA's forms beyond 64 channels or for other dtypes than float32.
 
 The library is compiled from the shipped source the first time it is needed, with the host's
 instruction set (`-march=native`), and cached in `$PROGRESSION_CACHE_DIR` (default
@@ -37,8 +41,11 @@ Array = jax.Array
 SOURCE = Path(__file__).with_name('conv_kernels.cc')
 FLAGS = ('-O3', '-march=native', '-std=c++17', '-shared', '-fPIC')
 MAX_CHANNELS = 64  # Output channels: a multiple of 8 up to this.
-_TARGETS = {'forward': 'progression_conv_forward', 'kernel_grad': 'progression_conv_kernel_grad'}
-_SYMBOLS = {'forward': 'ProgressionConvForward', 'kernel_grad': 'ProgressionConvKernelGrad'}
+_SYMBOLS = {'forward': 'ProgressionConvForward', 'kernel_grad': 'ProgressionConvKernelGrad',
+            'down': 'ProgressionDownForward', 'up': 'ProgressionUpForward',
+            'down_kernel_grad': 'ProgressionDownKernelGrad',
+            'up_kernel_grad': 'ProgressionUpKernelGrad'}
+_TARGETS = {part: f'progression_conv_{part}' for part in _SYMBOLS}
 SIZES = (3, 1)  # Kernel sizes: 3x3x3 convolutions and pointwise (1x1x1) ones.
 
 
@@ -157,5 +164,37 @@ def kernel_grad(x: Array, dy: Array, size: int = 3) -> Array:
   _require()
   call = jax.ffi.ffi_call(_TARGETS['kernel_grad'],
                           jax.ShapeDtypeStruct((size,) * 3 + (x.shape[-1], dy.shape[-1]), x.dtype),
+                          vmap_method='sequential')
+  return call(x, dy)
+
+
+def _resampled_shape(x: Array, up: bool, channels: int) -> tuple[int, ...]:
+  b, nx, ny, nz, _ = x.shape
+  if up:
+    return (b, 2 * nx, 2 * ny, 2 * nz, channels)
+  if nx % 2 or ny % 2 or nz % 2:
+    raise ProgressionError(f'2x downsampling needs even sizes, got {x.shape[1:4]}')
+  return (b, nx // 2, ny // 2, nz // 2, channels)
+
+
+def resample(x: Array, kernel: Array, up: bool) -> Array:
+  """Kernel-2 stride-2 resampling with kernel [2,2,2,Cin,Cout] (Cout supported), offsets
+  o = (i, j, k) in {0, 1}^3:
+    down (up=False): x [B,2X,2Y,2Z,Cin] -> out[X] = sum_{o,ci} x[2X + o, ci] kernel[o, ci]
+    up (up=True):    x [B,X,Y,Z,Cin] -> out[2X + o] = sum_ci x[X, ci] kernel[o, ci].
+  """
+  _require()
+  call = jax.ffi.ffi_call(_TARGETS['up' if up else 'down'],
+                          jax.ShapeDtypeStruct(_resampled_shape(x, up, kernel.shape[-1]), x.dtype),
+                          vmap_method='sequential')
+  return call(x, kernel)
+
+
+def resample_kernel_grad(x: Array, dy: Array, up: bool) -> Array:
+  """Gradient [2,2,2,Cin,Cout] of sum(resample(x, kernel, up) * dy) with respect to the kernel
+  (dy on the grid `resample` returns; Cout supported)."""
+  _require()
+  call = jax.ffi.ffi_call(_TARGETS['up_kernel_grad' if up else 'down_kernel_grad'],
+                          jax.ShapeDtypeStruct((2, 2, 2, x.shape[-1], dy.shape[-1]), x.dtype),
                           vmap_method='sequential')
   return call(x, dy)

@@ -17,7 +17,9 @@ thin outputs such as the 3-channel velocity head, where it is faster).
 Faster still on CPU are our compiled kernels (`conv_kernels`, an XLA FFI custom call):
 `impl='compiled'` runs the forward, the input gradient and the kernel gradient with them,
 output channels zero-padded to a multiple of 8 (the 3-channel velocity head computes 8 and
-keeps 3), and the depth-tap form beyond 64 channels or in other dtypes than float32.
+keeps 3), and the depth-tap form beyond 64 channels or in other dtypes than float32; the
+same kernels run the 1x1x1 `Pointwise` projections and the 2x `Downsample` / `Upsample2x`
+(`resample2x`), which XLA:CPU runs as thin matmuls with transposes around them.
 `nn.ConvTranspose` with kernel 2 / stride 2 is ~11x slower than the einsum +
 reshape used here. On GPU/TPU the native convolution is the fast one, so
 `impl='auto'` picks by `jax.default_backend()`: 'native' there; on CPU 'compiled', or
@@ -31,6 +33,7 @@ for `Downsample` as a stride-2 `nn.Conv` and for `Upsample2x` as
 All arrays are `[batch, x, y, z, channels]`.
 """
 
+import functools
 from typing import Any, Optional
 
 import flax.linen as nn
@@ -318,14 +321,73 @@ def depth_to_space(x: Array, factor: int) -> Array:
   return x.reshape(b, nx * f, ny * f, nz * f, c)
 
 
+def _down_xla(x: Array, kernel: Array) -> Array:
+  """out[X] = sum_{o, ci} x[2X + o, ci] kernel[o, ci]: space-to-depth + one matmul."""
+  return jnp.dot(space_to_depth(x, 2), kernel.reshape(-1, kernel.shape[-1]))
+
+
+def _up_xla(x: Array, kernel: Array) -> Array:
+  """out[2X + o] = sum_ci x[X, ci] kernel[o, ci]: one matmul + depth-to-space."""
+  cin, cout = kernel.shape[-2:]
+  return depth_to_space(jnp.dot(x, kernel.transpose(3, 0, 1, 2, 4).reshape(cin, 8 * cout)), 2)
+
+
+def _resample_or_xla(x: Array, kernel: Array, up: bool) -> Array:
+  """The compiled 2x resampling kernel (output channels zero-padded to a multiple of 8 when
+  that is all it lacks), else the XLA form."""
+  cout = kernel.shape[-1]
+  padded = conv_kernels.padded_channels(cout, x.dtype)
+  if padded is None:
+    return _up_xla(x, kernel) if up else _down_xla(x, kernel)
+  return conv_kernels.resample(x, _zero_channels(kernel, padded), up)[..., :cout]
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _compiled_resample(x: Array, kernel: Array, up: bool) -> Array:
+  return _resample_or_xla(x, kernel, up)
+
+
+def _compiled_resample_fwd(x, kernel, up):
+  return _resample_or_xla(x, kernel, up), (x, kernel)
+
+
+def _compiled_resample_bwd(up, residuals, dy):
+  x, kernel = residuals
+  # Down and up are each other's input gradient, with the kernel's channel axes swapped.
+  dx = _resample_or_xla(dy, kernel.swapaxes(3, 4), not up)
+  cout = dy.shape[-1]
+  padded = conv_kernels.padded_channels(cout, x.dtype)
+  if padded is None:
+    (dkernel,) = jax.vjp(lambda k: _resample_or_xla(x, k, up), kernel)[1](dy)
+  else:
+    dkernel = conv_kernels.resample_kernel_grad(x, _zero_channels(dy, padded), up)[..., :cout]
+  return dx, dkernel.astype(kernel.dtype)
+
+
+_compiled_resample.defvjp(_compiled_resample_fwd, _compiled_resample_bwd)
+
+
+def resample2x(x: Array, kernel: Array, up: bool, impl: str = 'auto') -> Array:
+  """Kernel-2 stride-2 resampling, kernel [2, 2, 2, Cin, Cout], offsets o in {0, 1}^3:
+  down (up=False) [B,2X,2Y,2Z,Cin] -> out[X] = sum_{o,ci} x[2X + o, ci] kernel[o, ci];
+  up (up=True) [B,X,Y,Z,Cin] -> out[2X + o] = sum_ci x[X, ci] kernel[o, ci].
+  impl 'compiled' (and 'auto' on CPU): the compiled kernels, which read and write the
+  strided voxels directly (XLA's space-to-depth transposes cost as much as its matmul);
+  otherwise one matmul and a space/depth reshuffle."""
+  if resolve_impl(impl) == 'compiled':
+    return _compiled_resample(x, kernel, up)
+  return _up_xla(x, kernel) if up else _down_xla(x, kernel)
+
+
 class Downsample(nn.Module):
-  """Learned 2x downsampling: kernel-2 stride-2 convolution (space-to-depth + matmul).
+  """Learned 2x downsampling: kernel-2 stride-2 convolution (`resample2x`).
 
   Params as `nn.Conv(features, (2,2,2), strides=(2,2,2), padding='VALID')`:
   `kernel` [2,2,2,Cin,Cout], `bias` [Cout]. Each output voxel sees exactly its
   2x2x2 input block, so the cost is one matmul (1/27 x 8 of a 3x3x3 conv).
   """
   features: int
+  impl: str = 'auto'
   dtype: Optional[Dtype] = None
   param_dtype: Dtype = jnp.float32
   kernel_init: Any = default_kernel_init
@@ -338,18 +400,21 @@ class Downsample(nn.Module):
                         self.param_dtype)
     bias = self.param('bias', nn.initializers.zeros_init(), (self.features,), self.param_dtype)
     x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
-    blocks = space_to_depth(x, 2)  # channel order (i, j, k, c) matches kernel.reshape
-    return jnp.dot(blocks, kernel.reshape(8 * cin, self.features)) + bias
+    if any(n % 2 for n in x.shape[1:4]):
+      raise ProgressionError(
+          f'spatial shape {x.shape[1:4]} must be divisible by 2 for space_to_depth')
+    return resample2x(x, kernel, up=False, impl=self.impl) + bias
 
 
 class Upsample2x(nn.Module):
-  """Kernel-2 stride-2 transposed convolution as a matmul + depth-to-space.
+  """Kernel-2 stride-2 transposed convolution (`resample2x`, up).
 
   Params as `nn.ConvTranspose(features, (2,2,2), strides=(2,2,2))`: `kernel`
   [2,2,2,Cin,Cout] (flax applies it flipped: output offset i uses kernel[1-i]),
   `bias` [Cout].
   """
   features: int
+  impl: str = 'auto'
   dtype: Optional[Dtype] = None
   param_dtype: Dtype = jnp.float32
   kernel_init: Any = default_kernel_init
@@ -362,9 +427,7 @@ class Upsample2x(nn.Module):
                         self.param_dtype)
     bias = self.param('bias', nn.initializers.zeros_init(), (self.features,), self.param_dtype)
     x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
-    k = kernel[::-1, ::-1, ::-1].transpose(3, 0, 1, 2, 4).reshape(cin, 8 * self.features)
-    y = jnp.dot(x, k)  # [B, X, Y, Z, (i, j, k, o)]
-    return depth_to_space(y, 2) + bias
+    return resample2x(x, kernel[::-1, ::-1, ::-1], up=True, impl=self.impl) + bias
 
 
 def _per_channel(a: Array) -> Array:

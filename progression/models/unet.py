@@ -103,12 +103,12 @@ class UNet(nn.Module):
     h = x
     for level, f in enumerate(self.features):
       if level > 0:
-        h = layers.Downsample(f, dtype=self.dtype, name=f'down{level}')(h)
+        h = layers.Downsample(f, self.conv_impl, self.dtype, name=f'down{level}')(h)
       h = block(f, f'enc{level}')(h, cond)
       skips.append(h)
     for level in range(len(self.features) - 2, -1, -1):
       f = self.features[level]
-      h = layers.Upsample2x(f, dtype=self.dtype, name=f'up{level}')(h)
+      h = layers.Upsample2x(f, self.conv_impl, self.dtype, name=f'up{level}')(h)
       if self.skip == 'concat':
         h = jnp.concatenate([h, skips[level]], axis=-1)
       else:
