@@ -402,7 +402,7 @@ class Downsample(nn.Module):
     x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
     if any(n % 2 for n in x.shape[1:4]):
       raise ProgressionError(
-          f'spatial shape {x.shape[1:4]} must be divisible by 2 for space_to_depth')
+          f'Downsample: spatial shape {x.shape[1:4]} must be divisible by 2')
     return resample2x(x, kernel, up=False, impl=self.impl) + bias
 
 
