@@ -88,6 +88,30 @@ def test_resample_and_its_kernel_grad_match_xla(coarse, cin, cout):
 
 
 @needs_kernels
+def test_scale_shift_silu_against_float64_and_at_the_extremes():
+  """silu(x * scale + shift) within float32 rounding of a float64 reference (our exp is a
+  polynomial), saturating like XLA's at +-1000 and exact at 0; its gradients as XLA's."""
+  x, scale, shift = 6.0 * _x((2, 5, 4, 7, 24)), 1.0 + _x((2, 24), 1), _x((2, 24), 2)
+  h = (np.asarray(x, np.float64) * np.asarray(scale)[:, None, None, None]
+       + np.asarray(shift)[:, None, None, None])
+  np.testing.assert_allclose(conv_kernels.scale_shift_silu(x, scale, shift), h / (1 + np.exp(-h)),
+                             rtol=1e-6, atol=1e-6)
+  plain = lambda x, a, c: jax.nn.silu(x * a[:, None, None, None] + c[:, None, None, None])
+  dout = _x(x.shape, 3)
+  grads = jax.jit(conv_kernels.scale_shift_silu_grad)(x, scale, shift, dout)
+  for got, want in zip(grads, jax.vjp(plain, x, scale, shift)[1](dout)):
+    _assert_close(got, want)
+  for _ in range(3):  # chunked sums in a fixed order
+    for got, first in zip(jax.jit(conv_kernels.scale_shift_silu_grad)(x, scale, shift, dout),
+                          grads):
+      np.testing.assert_array_equal(got, first)
+  edge = jnp.array([-1000.0, -88.0, -20.0, -1e-30, 0.0, 1e-30, 20.0, 1000.0]).reshape(1, 1, 1, 1, 8)
+  ones, zeros = jnp.ones((1, 8)), jnp.zeros((1, 8))
+  np.testing.assert_allclose(conv_kernels.scale_shift_silu(edge, ones, zeros), jax.nn.silu(edge),
+                             rtol=1e-6, atol=1e-30)
+
+
+@needs_kernels
 def test_kernel_grad_is_bitwise_reproducible():
   """The kernel gradient sums fixed chunks of planes in a fixed order (training resumes
   bit-exactly), whichever pool thread runs which chunk."""

@@ -185,13 +185,17 @@ def test_group_norm_with_offset_film_and_silu_matches_the_unfused_layers(shape, 
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-3), g_ours, g_ref)
 
 
-def test_scale_shift_silu_values_and_grads():
-  x, scale, shift = _x((2, 3, 4, 5, 8)), 1.0 + _x((2, 8), 1), _x((2, 8), 2)
+@pytest.mark.parametrize('impl', ['compiled', 'native'])
+@pytest.mark.parametrize('channels', [8, 16, 64, 12])  # 12: not the compiled kernel's
+def test_scale_shift_silu_values_and_grads(impl, channels):
+  _skip_unless_available(impl)
+  x = 4.0 * _x((2, 3, 4, 5, channels))
+  scale, shift = 1.0 + _x((2, channels), 1), _x((2, channels), 2)
   plain = lambda x, a, c: jax.nn.silu(x * a[:, None, None, None] + c[:, None, None, None])
-  np.testing.assert_allclose(layers.scale_shift_silu(x, scale, shift), plain(x, scale, shift),
-                             **TOL)
+  ours = lambda x, a, c: layers.scale_shift_silu(x, a, c, impl)
+  np.testing.assert_allclose(jax.jit(ours)(x, scale, shift), plain(x, scale, shift), **TOL)
   loss = lambda f: lambda *a: jnp.sum(jnp.cos(f(*a)))
-  got = jax.jit(jax.grad(loss(layers.scale_shift_silu), argnums=(0, 1, 2)))(x, scale, shift)
+  got = jax.jit(jax.grad(loss(ours), argnums=(0, 1, 2)))(x, scale, shift)
   want = jax.grad(loss(plain), argnums=(0, 1, 2))(x, scale, shift)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4), got, want)
 

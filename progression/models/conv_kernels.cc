@@ -1,5 +1,6 @@
-// KxKxK (K = 3 or 1) 'SAME' stride-1 float32 convolution kernels, and kernel-2 stride-2
-// down/upsampling kernels (at the end), for XLA:CPU, called through the XLA FFI.
+// KxKxK (K = 3 or 1) 'SAME' stride-1 float32 convolution kernels, kernel-2 stride-2
+// down/upsampling kernels and a fused silu(x * scale + shift) (further down), for XLA:CPU,
+// called through the XLA FFI.
 //
 // XLA:CPU's convolutions run our thin 3D layers (8-64 channels) at 20-100 GFLOP/s and its
 // kernel gradients at 20-80; these direct kernels, written for channels-last data and small
@@ -539,6 +540,168 @@ ffi::Error ResampleKernelGrad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
   return ffi::Error::Success();
 }
 
+// ---- silu(x * scale + shift) ----------------------------------------------------------------
+//
+// x [B, X, Y, Z, C] (C a multiple of 8, <= 64), scale and shift [B, C]: the GroupNorm + FiLM +
+// SiLU of the U-Net's blocks as one pass (XLA:CPU recomputed the per-channel coefficients at
+// every element, 8 ns each), and its gradient as one more.
+
+typedef int32_t v8i __attribute__((vector_size(32)));
+
+inline v8 Splat(float s) { return v8{} + s; }
+
+inline v8 Min(v8 a, v8 b) { return a < b ? a : b; }
+inline v8 Max(v8 a, v8 b) { return a > b ? a : b; }
+
+// exp(x) for x in float32's range: 2^n * p(r), n = round(x / ln 2), |r| <= ln(2) / 2, p a
+// degree-7 polynomial (Cephes' expf coefficients): within 2 ulp of exp; clamped to
+// [exp(-87.3), exp(88.3)].
+inline v8 Exp(v8 x) {
+  x = Min(Max(x, Splat(-87.3f)), Splat(88.3f));
+  const v8 magic = Splat(12582912.0f);  // 1.5 * 2^23: adding it rounds to an integer.
+  const v8 t = x * 1.44269504088896341f + magic;
+  const v8 n = t - magic;
+  const v8 r = x - n * 0.693359375f + n * 2.12194440e-4f;
+  v8 p = Splat(1.9875691500e-4f);
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.0f;
+  v8i bits;
+  std::memcpy(&bits, &t, sizeof(bits));
+  const v8i magic_bits = v8i{} + 0x4B400000;  // The bits of `magic`.
+  const v8i exponent = (bits - magic_bits + 127) << 23;
+  v8 scale;
+  std::memcpy(&scale, &exponent, sizeof(scale));
+  return p * scale;
+}
+
+inline v8 Sigmoid(v8 h) { return 1.0f / (1.0f + Exp(-h)); }
+
+struct Rows {
+  int64_t batch, voxels, channels;  // x viewed as [batch, voxels, channels]
+};
+
+Rows AsRows(ffi::Span<const int64_t> dims) {
+  return {dims[0], dims[1] * dims[2] * dims[3], dims[4]};
+}
+
+constexpr int64_t kSiluChunks = 16;  // Fixed chunks of each batch element's voxels.
+
+template <int NV>
+void SiluChunk(const float* x, const float* scale, const float* shift, float* out,
+               const Rows& r, int64_t b, int64_t begin, int64_t end) {
+  v8 a[NV], c[NV];
+  for (int v = 0; v < NV; ++v) {
+    a[v] = Load(scale + b * r.channels + 8 * v);
+    c[v] = Load(shift + b * r.channels + 8 * v);
+  }
+  for (int64_t i = begin; i < end; ++i) {
+    const int64_t at = (b * r.voxels + i) * r.channels;
+#pragma GCC unroll 8
+    for (int v = 0; v < NV; ++v) {
+      const v8 h = Load(x + at + 8 * v) * a[v] + c[v];
+      Store(out + at + 8 * v, h * Sigmoid(h));
+    }
+  }
+}
+
+// dx, and this chunk's sums of dh * x and dh per channel (dh = dout * silu'(h)).
+template <int NV>
+void SiluGradChunk(const float* x, const float* scale, const float* shift, const float* dout,
+                   float* dx, float* dscale, float* dshift, const Rows& r, int64_t b,
+                   int64_t begin, int64_t end) {
+  v8 a[NV], c[NV], sa[NV], sc[NV];
+  for (int v = 0; v < NV; ++v) {
+    a[v] = Load(scale + b * r.channels + 8 * v);
+    c[v] = Load(shift + b * r.channels + 8 * v);
+    sa[v] = sc[v] = v8{};
+  }
+  for (int64_t i = begin; i < end; ++i) {
+    const int64_t at = (b * r.voxels + i) * r.channels;
+#pragma GCC unroll 8
+    for (int v = 0; v < NV; ++v) {
+      const v8 xv = Load(x + at + 8 * v);
+      const v8 h = xv * a[v] + c[v];
+      const v8 s = Sigmoid(h);
+      const v8 dh = Load(dout + at + 8 * v) * s * (1.0f + h * (1.0f - s));
+      Store(dx + at + 8 * v, dh * a[v]);
+      sa[v] += dh * xv;
+      sc[v] += dh;
+    }
+  }
+  for (int v = 0; v < NV; ++v) {
+    Store(dscale + 8 * v, sa[v]);
+    Store(dshift + 8 * v, sc[v]);
+  }
+}
+
+bool SiluShapes(ffi::Span<const int64_t> x, ffi::Span<const int64_t> scale,
+                ffi::Span<const int64_t> shift) {
+  return x.size() == 5 && scale.size() == 2 && shift.size() == 2 && scale[0] == x[0] &&
+         scale[1] == x[4] && shift[0] == x[0] && shift[1] == x[4] && SupportedCout(x[4]);
+}
+
+ffi::Error ScaleShiftSilu(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
+                          ffi::Buffer<ffi::F32> scale, ffi::Buffer<ffi::F32> shift,
+                          ffi::ResultBuffer<ffi::F32> out) {
+  if (!SiluShapes(x.dimensions(), scale.dimensions(), shift.dimensions()))
+    return ffi::Error::InvalidArgument(
+        "scale_shift_silu: x [B, X, Y, Z, C] (C a multiple of 8 <= 64), scale and shift [B, C]");
+  const Rows r = AsRows(x.dimensions());
+  const int64_t units = r.batch * kSiluChunks;
+  ParallelUnits(pool, units, Workers(pool, units), [&](int64_t unit) {
+    const int64_t b = unit / kSiluChunks, k = unit % kSiluChunks;
+    DispatchCout(r.channels, [&](auto nv) {
+      SiluChunk<decltype(nv)::value>(x.typed_data(), scale.typed_data(), shift.typed_data(),
+                                     out->typed_data(), r, b, k * r.voxels / kSiluChunks,
+                                     (k + 1) * r.voxels / kSiluChunks);
+    });
+  });
+  return ffi::Error::Success();
+}
+
+ffi::Error ScaleShiftSiluGrad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
+                              ffi::Buffer<ffi::F32> scale, ffi::Buffer<ffi::F32> shift,
+                              ffi::Buffer<ffi::F32> dout, ffi::ResultBuffer<ffi::F32> dx,
+                              ffi::ResultBuffer<ffi::F32> dscale,
+                              ffi::ResultBuffer<ffi::F32> dshift) {
+  if (!SiluShapes(x.dimensions(), scale.dimensions(), shift.dimensions()) ||
+      dout.element_count() != x.element_count())
+    return ffi::Error::InvalidArgument(
+        "scale_shift_silu grad: x and dout [B, X, Y, Z, C] (C a multiple of 8 <= 64), scale "
+        "and shift [B, C]");
+  const Rows r = AsRows(x.dimensions());
+  const int64_t units = r.batch * kSiluChunks, c = r.channels;
+  // Per-chunk sums, added in chunk order below: reproducible bits (as SumOverPlanes).
+  std::vector<float> partial(static_cast<size_t>(units * 2 * c));
+  float* parts = partial.data();
+  ParallelUnits(pool, units, Workers(pool, units), [&](int64_t unit) {
+    const int64_t b = unit / kSiluChunks, k = unit % kSiluChunks;
+    DispatchCout(c, [&](auto nv) {
+      SiluGradChunk<decltype(nv)::value>(
+          x.typed_data(), scale.typed_data(), shift.typed_data(), dout.typed_data(),
+          dx->typed_data(), parts + unit * 2 * c, parts + unit * 2 * c + c, r, b,
+          k * r.voxels / kSiluChunks, (k + 1) * r.voxels / kSiluChunks);
+    });
+  });
+  float* ds = dscale->typed_data();
+  float* dc = dshift->typed_data();
+  for (int64_t b = 0; b < r.batch; ++b)
+    for (int64_t ch = 0; ch < c; ++ch) {
+      float sa = 0.0f, sc = 0.0f;
+      for (int64_t k = 0; k < kSiluChunks; ++k) {
+        sa += parts[(b * kSiluChunks + k) * 2 * c + ch];
+        sc += parts[(b * kSiluChunks + k) * 2 * c + c + ch];
+      }
+      ds[b * c + ch] = sa;
+      dc[b * c + ch] = sc;
+    }
+  return ffi::Error::Success();
+}
+
 // Every handler takes the intra-op thread pool and two float32 arrays, and returns one.
 auto Binding() {
   return ffi::Ffi::Bind()
@@ -556,3 +719,20 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(ProgressionDownForward, (Resample<false>), Binding
 XLA_FFI_DEFINE_HANDLER_SYMBOL(ProgressionUpForward, (Resample<true>), Binding());
 XLA_FFI_DEFINE_HANDLER_SYMBOL(ProgressionDownKernelGrad, (ResampleKernelGrad<false>), Binding());
 XLA_FFI_DEFINE_HANDLER_SYMBOL(ProgressionUpKernelGrad, (ResampleKernelGrad<true>), Binding());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(ProgressionScaleShiftSilu, ScaleShiftSilu,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // x
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // scale
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // shift
+                                  .Ret<ffi::Buffer<ffi::F32>>());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(ProgressionScaleShiftSiluGrad, ScaleShiftSiluGrad,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // x
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // scale
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // shift
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // dout
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // dx
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // dscale
+                                  .Ret<ffi::Buffer<ffi::F32>>());  // dshift

@@ -7,10 +7,13 @@ space-to-depth transposes) at ~20. The direct kernels in `conv_kernels.cc` run t
 forward at 100-210 and its kernel gradient at 110-200 GFLOP/s on the 2-core AVX-512 machines
 (`experiments/benchmark.py`), and compute those other layers without a transpose:
   * `forward` / `kernel_grad`: 'SAME' KxKxK convolutions, K = 3 or 1 (pointwise);
-  * `resample` / `resample_kernel_grad`: kernel-2 stride-2 down- and upsampling.
+  * `resample` / `resample_kernel_grad`: kernel-2 stride-2 down- and upsampling;
+  * `scale_shift_silu` / `scale_shift_silu_grad`: silu(x * scale + shift) per (batch, channel),
+    the U-Net blocks' GroupNorm + FiLM + SiLU in one pass each way.
 `layers` uses them for the forward and both gradients of `conv3x3x3`, `Pointwise`,
-`Downsample` and `Upsample2x` (impl 'compiled'), output channels zero-padded to a multiple
-of 8 (`padded_channels`), and XLA's forms beyond 64 channels or for other dtypes than float32.
+`Downsample`, `Upsample2x` and `scale_shift_silu` (impl 'compiled'), output channels
+zero-padded to a multiple of 8 (`padded_channels`), and XLA's forms beyond 64 channels or for
+other dtypes than float32.
 
 The library is compiled from the shipped source the first time it is needed, with the host's
 instruction set (`-march=native`), and cached in `$PROGRESSION_CACHE_DIR` (default
@@ -44,7 +47,9 @@ MAX_CHANNELS = 64  # Output channels: a multiple of 8 up to this.
 _SYMBOLS = {'forward': 'ProgressionConvForward', 'kernel_grad': 'ProgressionConvKernelGrad',
             'down': 'ProgressionDownForward', 'up': 'ProgressionUpForward',
             'down_kernel_grad': 'ProgressionDownKernelGrad',
-            'up_kernel_grad': 'ProgressionUpKernelGrad'}
+            'up_kernel_grad': 'ProgressionUpKernelGrad',
+            'scale_shift_silu': 'ProgressionScaleShiftSilu',
+            'scale_shift_silu_grad': 'ProgressionScaleShiftSiluGrad'}
 _TARGETS = {part: f'progression_conv_{part}' for part in _SYMBOLS}
 SIZES = (3, 1)  # Kernel sizes: 3x3x3 convolutions and pointwise (1x1x1) ones.
 
@@ -198,3 +203,22 @@ def resample_kernel_grad(x: Array, dy: Array, up: bool) -> Array:
                           jax.ShapeDtypeStruct((2, 2, 2, x.shape[-1], dy.shape[-1]), x.dtype),
                           vmap_method='sequential')
   return call(x, dy)
+
+
+def scale_shift_silu(x: Array, scale: Array, shift: Array) -> Array:
+  """silu(x * scale + shift) for x [B,X,Y,Z,C] float32 (C supported, see `supports`) and
+  per-(batch, channel) scale and shift [B, C]."""
+  _require()
+  call = jax.ffi.ffi_call(_TARGETS['scale_shift_silu'], jax.ShapeDtypeStruct(x.shape, x.dtype),
+                          vmap_method='sequential')
+  return call(x, scale, shift)
+
+
+def scale_shift_silu_grad(x: Array, scale: Array, shift: Array, dout: Array
+                          ) -> tuple[Array, Array, Array]:
+  """The gradients (dx, dscale, dshift) of sum(scale_shift_silu(x, scale, shift) * dout)."""
+  _require()
+  shapes = (jax.ShapeDtypeStruct(x.shape, x.dtype), jax.ShapeDtypeStruct(scale.shape, x.dtype),
+            jax.ShapeDtypeStruct(shift.shape, x.dtype))
+  call = jax.ffi.ffi_call(_TARGETS['scale_shift_silu_grad'], shapes, vmap_method='sequential')
+  return tuple(call(x, scale, shift, dout))
