@@ -110,6 +110,43 @@ inline void Blocked(int64_t begin, int64_t end, Fn block) {
   for (; i < end; ++i) block(std::integral_constant<int, 1>(), i);
 }
 
+// ---- register blocks ----------------------------------------------------------------------
+
+// acc[n][:] += sum_ci src[n * step + ci] * tap[ci * 8 NV + (0 .. 8 NV - 1)], n < ZB: each
+// input value broadcast once against the NV weight vectors of its input channel.
+template <int NV, int ZB>
+inline void AccumulateTap(v8 (&acc)[ZB][NV], const float* __restrict src, int64_t step,
+                          const float* __restrict tap, int64_t cin) {
+  for (int64_t ci = 0; ci < cin; ++ci) {
+    v8 wv[NV];
+#pragma GCC unroll 8
+    for (int v = 0; v < NV; ++v) wv[v] = Load(tap + ci * NV * 8 + 8 * v);
+#pragma GCC unroll 16
+    for (int n = 0; n < ZB; ++n) {
+      const float s = src[n * step + ci];
+#pragma GCC unroll 8
+      for (int v = 0; v < NV; ++v) acc[n][v] += s * wv[v];
+    }
+  }
+}
+
+template <int NV, int ZB>
+inline void ZeroBlock(v8 (&acc)[ZB][NV]) {
+#pragma GCC unroll 16
+  for (int n = 0; n < ZB; ++n)
+#pragma GCC unroll 8
+    for (int v = 0; v < NV; ++v) acc[n][v] = v8{};
+}
+
+// dst[n * step + (0 .. 8 NV - 1)] = acc[n][:].
+template <int NV, int ZB>
+inline void StoreBlock(const v8 (&acc)[ZB][NV], float* __restrict dst, int64_t step) {
+#pragma GCC unroll 16
+  for (int n = 0; n < ZB; ++n)
+#pragma GCC unroll 8
+    for (int v = 0; v < NV; ++v) Store(dst + n * step + 8 * v, acc[n][v]);
+}
+
 // ---- forward ------------------------------------------------------------------------------
 
 // Output positions z0 .. z0+ZB-1 of row (b, x, y), all NV*8 output channels. CHECK: some kz
@@ -121,13 +158,7 @@ inline void ForwardRow(const float* __restrict in, const float* __restrict w,
   constexpr int kCout = NV * 8;
   const int64_t cin = d.cin;
   v8 acc[ZB][NV];
-#pragma GCC unroll 16
-  for (int i = 0; i < ZB; ++i)
-#pragma GCC unroll 8
-    for (int v = 0; v < NV; ++v) acc[i][v] = v8{};
-  // The neighbour rows spelled out rather than through ForNeighbourRows, keeping the
-  // accumulators out of a lambda capture in the hottest loop (the forward's z blocks through
-  // the Blocked lambda measured 1.4x slower with GCC 12, see ForwardPlane).
+  ZeroBlock(acc);
   for (int kx = 0; kx < K; ++kx) {
     const int64_t xi = x + kx - K / 2;
     if (xi < 0 || xi >= d.x) continue;
@@ -138,27 +169,11 @@ inline void ForwardRow(const float* __restrict in, const float* __restrict w,
       for (int kz = 0; kz < K; ++kz) {
         const int64_t zs = z0 + kz - K / 2;
         if (CHECK && (zs < 0 || zs >= d.z)) continue;
-        const float* tap = w + ((kx * K + ky) * K + kz) * cin * kCout;
-        const float* src = row + zs * cin;
-        for (int64_t ci = 0; ci < cin; ++ci) {
-          v8 wv[NV];
-#pragma GCC unroll 8
-          for (int v = 0; v < NV; ++v) wv[v] = Load(tap + ci * kCout + 8 * v);
-#pragma GCC unroll 16
-          for (int i = 0; i < ZB; ++i) {
-            const float s = src[i * cin + ci];
-#pragma GCC unroll 8
-            for (int v = 0; v < NV; ++v) acc[i][v] += s * wv[v];
-          }
-        }
+        AccumulateTap(acc, row + zs * cin, cin, w + ((kx * K + ky) * K + kz) * cin * kCout, cin);
       }
     }
   }
-  float* dst = out + (((b * d.x + x) * d.y + y) * d.z + z0) * kCout;
-#pragma GCC unroll 16
-  for (int i = 0; i < ZB; ++i)
-#pragma GCC unroll 8
-    for (int v = 0; v < NV; ++v) Store(dst + i * kCout + 8 * v, acc[i][v]);
+  StoreBlock(acc, out + (((b * d.x + x) * d.y + y) * d.z + z0) * kCout, kCout);
 }
 
 // Register block: ~16-24 accumulators of 8 floats.
@@ -284,32 +299,14 @@ inline void DownRow(const float* __restrict in, const float* __restrict w,
   constexpr int kCout = NV * 8;
   const int64_t cin = d.cin;
   v8 acc[ZB][NV];
-#pragma GCC unroll 16
-  for (int n = 0; n < ZB; ++n)
-#pragma GCC unroll 8
-    for (int v = 0; v < NV; ++v) acc[n][v] = v8{};
+  ZeroBlock(acc);
   for (int o = 0; o < 8; ++o) {
     const int i = o >> 2, j = (o >> 1) & 1, k = o & 1;
     const float* src = in + (((b * 2 * d.x + 2 * x + i) * 2 * d.y + 2 * y + j) * 2 * d.z +
                              2 * z0 + k) * cin;
-    const float* tap = w + o * cin * kCout;
-    for (int64_t ci = 0; ci < cin; ++ci) {
-      v8 wv[NV];
-#pragma GCC unroll 8
-      for (int v = 0; v < NV; ++v) wv[v] = Load(tap + ci * kCout + 8 * v);
-#pragma GCC unroll 16
-      for (int n = 0; n < ZB; ++n) {
-        const float s = src[2 * n * cin + ci];
-#pragma GCC unroll 8
-        for (int v = 0; v < NV; ++v) acc[n][v] += s * wv[v];
-      }
-    }
+    AccumulateTap(acc, src, 2 * cin, w + o * cin * kCout, cin);
   }
-  float* dst = out + (((b * d.x + x) * d.y + y) * d.z + z0) * kCout;
-#pragma GCC unroll 16
-  for (int n = 0; n < ZB; ++n)
-#pragma GCC unroll 8
-    for (int v = 0; v < NV; ++v) Store(dst + n * kCout + 8 * v, acc[n][v]);
+  StoreBlock(acc, out + (((b * d.x + x) * d.y + y) * d.z + z0) * kCout, kCout);
 }
 
 // Up: the fine outputs of coarse positions z0 .. z0+ZB-1 of coarse row (b, x, y), one
@@ -322,29 +319,11 @@ inline void UpRow(const float* __restrict in, const float* __restrict w, float* 
   const float* src = in + (((b * d.x + x) * d.y + y) * d.z + z0) * cin;
   for (int o = 0; o < 8; ++o) {
     const int i = o >> 2, j = (o >> 1) & 1, k = o & 1;
-    const float* tap = w + o * cin * kCout;
     v8 acc[ZB][NV];
-#pragma GCC unroll 16
-    for (int n = 0; n < ZB; ++n)
-#pragma GCC unroll 8
-      for (int v = 0; v < NV; ++v) acc[n][v] = v8{};
-    for (int64_t ci = 0; ci < cin; ++ci) {
-      v8 wv[NV];
-#pragma GCC unroll 8
-      for (int v = 0; v < NV; ++v) wv[v] = Load(tap + ci * kCout + 8 * v);
-#pragma GCC unroll 16
-      for (int n = 0; n < ZB; ++n) {
-        const float s = src[n * cin + ci];
-#pragma GCC unroll 8
-        for (int v = 0; v < NV; ++v) acc[n][v] += s * wv[v];
-      }
-    }
-    float* dst = out + (((b * 2 * d.x + 2 * x + i) * 2 * d.y + 2 * y + j) * 2 * d.z +
-                        2 * z0 + k) * kCout;
-#pragma GCC unroll 16
-    for (int n = 0; n < ZB; ++n)
-#pragma GCC unroll 8
-      for (int v = 0; v < NV; ++v) Store(dst + 2 * n * kCout + 8 * v, acc[n][v]);
+    ZeroBlock(acc);
+    AccumulateTap(acc, src, cin, w + o * cin * kCout, cin);
+    StoreBlock(acc, out + (((b * 2 * d.x + 2 * x + i) * 2 * d.y + 2 * y + j) * 2 * d.z +
+                           2 * z0 + k) * kCout, 2 * kCout);
   }
 }
 
