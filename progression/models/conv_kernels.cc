@@ -159,6 +159,9 @@ inline void ForwardRow(const float* __restrict in, const float* __restrict w,
   const int64_t cin = d.cin;
   v8 acc[ZB][NV];
   ZeroBlock(acc);
+  // The neighbour rows spelled out rather than through ForNeighbourRows: the accumulators
+  // stay out of a lambda capture in the hottest loop (through a lambda, the forward's z
+  // blocks measured 1.4x slower with GCC 12, see ForwardPlane).
   for (int kx = 0; kx < K; ++kx) {
     const int64_t xi = x + kx - K / 2;
     if (xi < 0 || xi >= d.x) continue;
