@@ -153,24 +153,25 @@ def _require() -> None:
     raise ProgressionError(reason)
 
 
+def _call(part: str, results, *args: Array):
+  """Runs kernel `part` (a `_SYMBOLS` key) on args, returning arrays shaped as `results`
+  (one jax.ShapeDtypeStruct, or a tuple of them)."""
+  _require()
+  return jax.ffi.ffi_call(_TARGETS[part], results, vmap_method='sequential')(*args)
+
+
 def forward(x: Array, kernel: Array) -> Array:
   """'SAME' KxKxK cross-correlation: x [B,X,Y,Z,Cin] float32, kernel [K,K,K,Cin,Cout] (K in
   `SIZES`, Cout supported, see `supports`) -> [B,X,Y,Z,Cout]."""
-  _require()
-  call = jax.ffi.ffi_call(_TARGETS['forward'],
-                          jax.ShapeDtypeStruct(x.shape[:-1] + kernel.shape[-1:], x.dtype),
-                          vmap_method='sequential')
-  return call(x, kernel)
+  return _call('forward', jax.ShapeDtypeStruct(x.shape[:-1] + kernel.shape[-1:], x.dtype),
+               x, kernel)
 
 
 def kernel_grad(x: Array, dy: Array, size: int = 3) -> Array:
   """Gradient [K,K,K,Cin,Cout] (K = `size`, in `SIZES`) of sum(forward(x, kernel) * dy) with
   respect to the kernel, for x [B,X,Y,Z,Cin] and dy [B,X,Y,Z,Cout] (Cout supported)."""
-  _require()
-  call = jax.ffi.ffi_call(_TARGETS['kernel_grad'],
-                          jax.ShapeDtypeStruct((size,) * 3 + (x.shape[-1], dy.shape[-1]), x.dtype),
-                          vmap_method='sequential')
-  return call(x, dy)
+  return _call('kernel_grad',
+               jax.ShapeDtypeStruct((size,) * 3 + (x.shape[-1], dy.shape[-1]), x.dtype), x, dy)
 
 
 def _resampled_shape(x: Array, up: bool, channels: int) -> tuple[int, ...]:
@@ -188,37 +189,26 @@ def resample(x: Array, kernel: Array, up: bool) -> Array:
     down (up=False): x [B,2X,2Y,2Z,Cin] -> out[X] = sum_{o,ci} x[2X + o, ci] kernel[o, ci]
     up (up=True):    x [B,X,Y,Z,Cin] -> out[2X + o] = sum_ci x[X, ci] kernel[o, ci].
   """
-  _require()
-  call = jax.ffi.ffi_call(_TARGETS['up' if up else 'down'],
-                          jax.ShapeDtypeStruct(_resampled_shape(x, up, kernel.shape[-1]), x.dtype),
-                          vmap_method='sequential')
-  return call(x, kernel)
+  return _call('up' if up else 'down',
+               jax.ShapeDtypeStruct(_resampled_shape(x, up, kernel.shape[-1]), x.dtype),
+               x, kernel)
 
 
 def resample_kernel_grad(x: Array, dy: Array, up: bool) -> Array:
   """Gradient [2,2,2,Cin,Cout] of sum(resample(x, kernel, up) * dy) with respect to the kernel
   (dy on the grid `resample` returns; Cout supported)."""
-  _require()
-  call = jax.ffi.ffi_call(_TARGETS['up_kernel_grad' if up else 'down_kernel_grad'],
-                          jax.ShapeDtypeStruct((2, 2, 2, x.shape[-1], dy.shape[-1]), x.dtype),
-                          vmap_method='sequential')
-  return call(x, dy)
+  return _call('up_kernel_grad' if up else 'down_kernel_grad',
+               jax.ShapeDtypeStruct((2, 2, 2, x.shape[-1], dy.shape[-1]), x.dtype), x, dy)
 
 
 def scale_shift_silu(x: Array, scale: Array, shift: Array) -> Array:
   """silu(x * scale + shift) for x [B,X,Y,Z,C] float32 (C supported, see `supports`) and
   per-(batch, channel) scale and shift [B, C]."""
-  _require()
-  call = jax.ffi.ffi_call(_TARGETS['scale_shift_silu'], jax.ShapeDtypeStruct(x.shape, x.dtype),
-                          vmap_method='sequential')
-  return call(x, scale, shift)
+  return _call('scale_shift_silu', jax.ShapeDtypeStruct(x.shape, x.dtype), x, scale, shift)
 
 
 def scale_shift_silu_grad(x: Array, scale: Array, shift: Array, dout: Array
                           ) -> tuple[Array, Array, Array]:
   """The gradients (dx, dscale, dshift) of sum(scale_shift_silu(x, scale, shift) * dout)."""
-  _require()
-  shapes = (jax.ShapeDtypeStruct(x.shape, x.dtype), jax.ShapeDtypeStruct(scale.shape, x.dtype),
-            jax.ShapeDtypeStruct(shift.shape, x.dtype))
-  call = jax.ffi.ffi_call(_TARGETS['scale_shift_silu_grad'], shapes, vmap_method='sequential')
-  return tuple(call(x, scale, shift, dout))
+  shapes = tuple(jax.ShapeDtypeStruct(a.shape, x.dtype) for a in (x, scale, shift))
+  return tuple(_call('scale_shift_silu_grad', shapes, x, scale, shift, dout))
