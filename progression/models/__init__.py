@@ -1,7 +1,8 @@
 """Models: the FiLM-conditioned U-Net, diffeomorphic warping and the progression generator.
 
-Modules: `layers` (CPU-fast Conv3D / Downsample / Upsample2x), `warp` (warping,
-scaling and squaring, composition, Jacobians), `unet`, `generator`.
+Modules: `layers` (CPU-fast Conv3D / Pointwise / Downsample / Upsample2x), `normalization`
+(GroupNorm with FiLM and SiLU folded in), `conv_kernels` (the compiled CPU kernels both use),
+`warp` (warping, scaling and squaring, composition, Jacobians), `unet`, `generator`.
 """
 
 from progression.models.generator import ProgressionGenerator

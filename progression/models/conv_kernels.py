@@ -11,9 +11,9 @@ forward at 100-210 and its kernel gradient at 110-200 GFLOP/s on the 2-core AVX-
   * `scale_shift_silu` / `scale_shift_silu_grad`: silu(x * scale + shift) per (batch, channel),
     the U-Net blocks' GroupNorm + FiLM + SiLU in one pass each way.
 `layers` uses them for the forward and both gradients of `conv3x3x3`, `Pointwise`,
-`Downsample`, `Upsample2x` and `scale_shift_silu` (impl 'compiled'), output channels
-zero-padded to a multiple of 8 (`padded_channels`), and XLA's forms beyond 64 channels or for
-other dtypes than float32.
+`Downsample` and `Upsample2x`, and `normalization` for `scale_shift_silu` (impl 'compiled'),
+output channels zero-padded to a multiple of 8 (`padded_channels`), and XLA's forms beyond 64
+channels or for other dtypes than float32.
 
 The library is compiled from the shipped source the first time it is needed, with the host's
 instruction set (`-march=native`), and cached in `$PROGRESSION_CACHE_DIR` (default

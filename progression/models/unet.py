@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 
 from progression.errors import ProgressionError
-from progression.models import layers
+from progression.models import layers, normalization
 
 Array = jax.Array
 Dtype = Any
@@ -49,11 +49,12 @@ class ResBlock(nn.Module):
     if cond is not None:
       film = jnp.split(nn.Dense(2 * f, kernel_init=nn.initializers.zeros_init(), name='film')(
           cond.astype(jnp.float32)), 2, axis=-1)
+    norm = lambda name: normalization.GroupNorm(groups, impl=self.conv_impl, name=name)
     # Normalisation, FiLM and SiLU in float32, like the statistics.
-    h = layers.GroupNorm(groups, impl=self.conv_impl, name='norm1')(h, film=film, silu=True, offset=bias)
+    h = norm('norm1')(h, film=film, silu=True, offset=bias)
     h, bias = layers.Conv3D(f, impl=self.conv_impl, dtype=self.dtype, name='conv2')(
         h.astype(self.dtype or x.dtype), fold_bias=True)
-    h = layers.GroupNorm(groups, impl=self.conv_impl, name='norm2')(h, silu=True, offset=bias)
+    h = norm('norm2')(h, silu=True, offset=bias)
     skip = x if x.shape[-1] == f else layers.Pointwise(f, impl=self.conv_impl, dtype=self.dtype,
                                                        name='skip')(x)
     return (h + skip).astype(self.dtype or x.dtype)
