@@ -398,8 +398,9 @@ bool SupportedKernel(ffi::Span<const int64_t> k, int64_t cin) {
          k[3] == cin && SupportedCout(k[4]);
 }
 
-// out[0 .. size) = the sum over planes p of what add_plane(acc, p) adds to a zeroed acc. The
-// planes go in kChunks fixed contiguous chunks, each summed into its own accumulator and the
+// out[0 .. size) = the sum over work units p in [0, planes) (the grid's (b, x) planes, or
+// chunks of its voxels; `voxels` in all) of what add_plane(acc, p) adds to a zeroed acc. The
+// units go in kChunks fixed contiguous chunks, each summed into its own accumulator and the
 // accumulators added in chunk order: the same bits whichever thread runs which chunk
 // (training must be reproducible), and no atomics in the inner loops. Zeroing and adding
 // the accumulators run on the pool too: for a 64 x 64 kernel on an 8^3 grid they are 7 MB,
@@ -417,8 +418,11 @@ void SumOverPlanes(ffi::ThreadPool& pool, int64_t planes, int64_t voxels, int64_
     for (int64_t p = chunk * planes / chunks; p < (chunk + 1) * planes / chunks; ++p)
       add_plane(parts + chunk * size, p);
   });
-  ParallelUnits(pool, kChunks, Workers(pool, kChunks), [&](int64_t slice) {
-    const int64_t begin = slice * size / kChunks, end = (slice + 1) * size / kChunks;
+  // Slices of out, each summed over the chunks in order; on the calling thread alone when
+  // the sums are small (a pool round trip costs more than ~64K additions).
+  const int64_t slices = chunks * size < (1 << 16) ? 1 : kChunks;
+  ParallelUnits(pool, slices, Workers(pool, slices), [&](int64_t slice) {
+    const int64_t begin = slice * size / slices, end = (slice + 1) * size / slices;
     std::memcpy(out + begin, parts + begin, sizeof(float) * (end - begin));
     for (int64_t c = 1; c < chunks; ++c)
       for (int64_t i = begin; i < end; ++i) out[i] += parts[c * size + i];
@@ -603,7 +607,8 @@ void SiluChunk(const float* x, const float* scale, const float* shift, float* ou
   }
 }
 
-// dx, and this chunk's sums of dh * x and dh per channel (dh = dout * silu'(h)).
+// dx, and adds this chunk's sums of dh * x and dh per channel (dh = dout * silu'(h)) to
+// dscale and dshift.
 template <int NV>
 void SiluGradChunk(const float* x, const float* scale, const float* shift, const float* dout,
                    float* dx, float* dscale, float* dshift, const Rows& r, int64_t b,
@@ -628,8 +633,8 @@ void SiluGradChunk(const float* x, const float* scale, const float* shift, const
     }
   }
   for (int v = 0; v < NV; ++v) {
-    Store(dscale + 8 * v, sa[v]);
-    Store(dshift + 8 * v, sc[v]);
+    Store(dscale + 8 * v, Load(dscale + 8 * v) + sa[v]);
+    Store(dshift + 8 * v, Load(dshift + 8 * v) + sc[v]);
   }
 }
 
@@ -669,31 +674,23 @@ ffi::Error ScaleShiftSiluGrad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
         "scale_shift_silu grad: x and dout [B, X, Y, Z, C] (C a multiple of 8 <= 64), scale "
         "and shift [B, C]");
   const Rows r = AsRows(x.dimensions());
-  const int64_t units = r.batch * kSiluChunks, c = r.channels;
-  // Per-chunk sums, added in chunk order below: reproducible bits (as SumOverPlanes).
-  std::vector<float> partial(static_cast<size_t>(units * 2 * c));
-  float* parts = partial.data();
-  ParallelUnits(pool, units, Workers(pool, units), [&](int64_t unit) {
+  const int64_t c = r.channels, sums_size = 2 * r.batch * c;
+  // The per-channel sums, dscale's then dshift's, added over fixed chunks of the voxels in a
+  // fixed order like the kernel gradients' (reproducible bits).
+  std::vector<float> sums(static_cast<size_t>(sums_size));
+  const auto add_unit = [&](float* acc, int64_t unit) {
     const int64_t b = unit / kSiluChunks, k = unit % kSiluChunks;
     DispatchCout(c, [&](auto nv) {
       SiluGradChunk<decltype(nv)::value>(
           x.typed_data(), scale.typed_data(), shift.typed_data(), dout.typed_data(),
-          dx->typed_data(), parts + unit * 2 * c, parts + unit * 2 * c + c, r, b,
+          dx->typed_data(), acc + b * c, acc + (r.batch + b) * c, r, b,
           k * r.voxels / kSiluChunks, (k + 1) * r.voxels / kSiluChunks);
     });
-  });
-  float* ds = dscale->typed_data();
-  float* dc = dshift->typed_data();
-  for (int64_t b = 0; b < r.batch; ++b)
-    for (int64_t ch = 0; ch < c; ++ch) {
-      float sa = 0.0f, sc = 0.0f;
-      for (int64_t k = 0; k < kSiluChunks; ++k) {
-        sa += parts[(b * kSiluChunks + k) * 2 * c + ch];
-        sc += parts[(b * kSiluChunks + k) * 2 * c + c + ch];
-      }
-      ds[b * c + ch] = sa;
-      dc[b * c + ch] = sc;
-    }
+  };
+  SumOverPlanes(pool, r.batch * kSiluChunks, r.batch * r.voxels, sums_size, sums.data(),
+                add_unit);
+  std::memcpy(dscale->typed_data(), sums.data(), sizeof(float) * r.batch * c);
+  std::memcpy(dshift->typed_data(), sums.data() + r.batch * c, sizeof(float) * r.batch * c);
   return ffi::Error::Success();
 }
 
