@@ -589,6 +589,16 @@ Rows AsRows(ffi::Span<const int64_t> dims) {
 
 constexpr int64_t kSiluChunks = 16;  // Fixed chunks of each batch element's voxels.
 
+// Work unit `unit` of batch * kSiluChunks: batch element b, voxels [begin, end) of its chunk.
+struct SiluUnit {
+  int64_t b, begin, end;
+};
+
+SiluUnit UnitOf(const Rows& r, int64_t unit) {
+  const int64_t b = unit / kSiluChunks, k = unit % kSiluChunks;
+  return {b, k * r.voxels / kSiluChunks, (k + 1) * r.voxels / kSiluChunks};
+}
+
 template <int NV>
 void SiluChunk(const float* x, const float* scale, const float* shift, float* out,
                const Rows& r, int64_t b, int64_t begin, int64_t end) {
@@ -653,11 +663,10 @@ ffi::Error ScaleShiftSilu(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
   const Rows r = AsRows(x.dimensions());
   const int64_t units = r.batch * kSiluChunks;
   ParallelUnits(pool, units, Workers(pool, units), [&](int64_t unit) {
-    const int64_t b = unit / kSiluChunks, k = unit % kSiluChunks;
+    const SiluUnit u = UnitOf(r, unit);
     DispatchCout(r.channels, [&](auto nv) {
       SiluChunk<decltype(nv)::value>(x.typed_data(), scale.typed_data(), shift.typed_data(),
-                                     out->typed_data(), r, b, k * r.voxels / kSiluChunks,
-                                     (k + 1) * r.voxels / kSiluChunks);
+                                     out->typed_data(), r, u.b, u.begin, u.end);
     });
   });
   return ffi::Error::Success();
@@ -679,12 +688,11 @@ ffi::Error ScaleShiftSiluGrad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
   // fixed order like the kernel gradients' (reproducible bits).
   std::vector<float> sums(static_cast<size_t>(sums_size));
   const auto add_unit = [&](float* acc, int64_t unit) {
-    const int64_t b = unit / kSiluChunks, k = unit % kSiluChunks;
+    const SiluUnit u = UnitOf(r, unit);
     DispatchCout(c, [&](auto nv) {
       SiluGradChunk<decltype(nv)::value>(
           x.typed_data(), scale.typed_data(), shift.typed_data(), dout.typed_data(),
-          dx->typed_data(), acc + b * c, acc + (r.batch + b) * c, r, b,
-          k * r.voxels / kSiluChunks, (k + 1) * r.voxels / kSiluChunks);
+          dx->typed_data(), acc + u.b * c, acc + (r.batch + u.b) * c, r, u.b, u.begin, u.end);
     });
   };
   SumOverPlanes(pool, r.batch * kSiluChunks, r.batch * r.voxels, sums_size, sums.data(),
@@ -703,6 +711,15 @@ auto Binding() {
       .Ret<ffi::Buffer<ffi::F32>>();
 }
 
+// The SiLU handlers' common head: the thread pool, x, scale and shift.
+auto SiluBinding() {
+  return ffi::Ffi::Bind()
+      .Ctx<ffi::ThreadPool>()
+      .Arg<ffi::Buffer<ffi::F32>>()   // x
+      .Arg<ffi::Buffer<ffi::F32>>()   // scale
+      .Arg<ffi::Buffer<ffi::F32>>();  // shift
+}
+
 }  // namespace
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(ProgressionConvForward, Forward, Binding());
@@ -712,18 +729,9 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(ProgressionUpForward, (Resample<true>), Binding())
 XLA_FFI_DEFINE_HANDLER_SYMBOL(ProgressionDownKernelGrad, (ResampleKernelGrad<false>), Binding());
 XLA_FFI_DEFINE_HANDLER_SYMBOL(ProgressionUpKernelGrad, (ResampleKernelGrad<true>), Binding());
 XLA_FFI_DEFINE_HANDLER_SYMBOL(ProgressionScaleShiftSilu, ScaleShiftSilu,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // x
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // scale
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // shift
-                                  .Ret<ffi::Buffer<ffi::F32>>());
+                              SiluBinding().Ret<ffi::Buffer<ffi::F32>>());
 XLA_FFI_DEFINE_HANDLER_SYMBOL(ProgressionScaleShiftSiluGrad, ScaleShiftSiluGrad,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // x
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // scale
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // shift
+                              SiluBinding()
                                   .Arg<ffi::Buffer<ffi::F32>>()  // dout
                                   .Ret<ffi::Buffer<ffi::F32>>()  // dx
                                   .Ret<ffi::Buffer<ffi::F32>>()  // dscale
