@@ -28,6 +28,21 @@ def synthetic_cohort(tmp_path_factory):
                                voxel_mm=COHORT_VOXEL_MM, n_visits=3, seed=0)
 
 
+def random_normal(shape, seed=0):
+  """A float32 standard-normal array of `shape`, the same for the same `seed`."""
+  import jax
+  import jax.numpy as jnp
+  return jax.random.normal(jax.random.PRNGKey(seed), shape, jnp.float32)
+
+
+def skip_unless_available(impl):
+  """Skips the calling test when it asks for impl 'compiled' and this machine cannot build
+  the compiled kernels (no C++ compiler), naming the reason."""
+  from progression.models import conv_kernels
+  if impl == 'compiled' and not conv_kernels.available():
+    pytest.skip(conv_kernels.unavailable_reason())
+
+
 def tiny_config(cohort_root, **overrides):
   """experiments/configs/tiny.py pointed at `cohort_root`, with dotted-key overrides."""
   from experiments.configs import tiny

@@ -7,13 +7,10 @@ import pytest
 
 from progression.errors import ProgressionError
 from progression.models import conv_kernels, layers
+from tests.conftest import random_normal as _x
 
 needs_kernels = pytest.mark.skipif(not conv_kernels.available(),
                                    reason=str(conv_kernels.unavailable_reason()))
-
-
-def _x(shape, seed=0):
-  return jax.random.normal(jax.random.PRNGKey(seed), shape, jnp.float32)
 
 
 def _xla(x, kernel):

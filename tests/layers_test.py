@@ -8,12 +8,9 @@ import pytest
 
 from progression.errors import ProgressionError
 from progression.models import conv_kernels, layers
+from tests.conftest import random_normal as _x, skip_unless_available
 
 TOL = dict(rtol=1e-5, atol=1e-5)
-
-
-def _x(shape, seed=0):
-  return jax.random.normal(jax.random.PRNGKey(seed), shape, jnp.float32)
 
 
 @pytest.mark.parametrize('impl', ['compiled', 'depth_taps', 'native', 'auto'])
@@ -76,15 +73,10 @@ RESAMPLE_CASES = [((2, 4, 6, 8, 3), 5), ((1, 2, 2, 2, 1), 5), ((1, 4, 2, 6, 16),
                   ((1, 2, 4, 2, 8), 72), ((1, 2, 2, 4, 72), 16)]
 
 
-def _skip_unless_available(impl):
-  if impl == 'compiled' and not conv_kernels.available():
-    pytest.skip(conv_kernels.unavailable_reason())
-
-
 @pytest.mark.parametrize('impl', ['compiled', 'native'])
 @pytest.mark.parametrize('shape,features', RESAMPLE_CASES)
 def test_downsample_matches_strided_nn_conv(shape, features, impl):
-  _skip_unless_available(impl)
+  skip_unless_available(impl)
   x = _x(shape)
   ref = nn.Conv(features, (2, 2, 2), strides=(2, 2, 2), padding='VALID')
   params = jax.tree.map(lambda p: p + 0.1, ref.init(jax.random.PRNGKey(1), x))
@@ -106,7 +98,7 @@ def test_downsample_odd_size_is_a_clear_error():
 @pytest.mark.parametrize('shape,features', [((2, 3, 4, 5, 3), 4), ((1, 1, 2, 1, 2), 4)]
                          + RESAMPLE_CASES[2:])
 def test_upsample_matches_nn_conv_transpose(shape, features, impl):
-  _skip_unless_available(impl)
+  skip_unless_available(impl)
   x = _x(shape)
   ref = nn.ConvTranspose(features, (2, 2, 2), strides=(2, 2, 2))
   params = jax.tree.map(lambda p: p + 0.1, ref.init(jax.random.PRNGKey(1), x))

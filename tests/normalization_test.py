@@ -7,18 +7,10 @@ import numpy as np
 import pytest
 
 from progression.errors import ProgressionError
-from progression.models import conv_kernels, normalization
+from progression.models import normalization
+from tests.conftest import random_normal as _x, skip_unless_available
 
 TOL = dict(rtol=1e-5, atol=1e-5)
-
-
-def _x(shape, seed=0):
-  return jax.random.normal(jax.random.PRNGKey(seed), shape, jnp.float32)
-
-
-def _skip_unless_available(impl):
-  if impl == 'compiled' and not conv_kernels.available():
-    pytest.skip(conv_kernels.unavailable_reason())
 
 
 @pytest.mark.parametrize('shape,groups', [((2, 5, 4, 6, 16), 8), ((1, 3, 7, 2, 8), 8),
@@ -73,7 +65,7 @@ def test_group_norm_with_offset_film_and_silu_matches_the_unfused_layers(shape, 
 @pytest.mark.parametrize('impl', ['compiled', 'native'])
 @pytest.mark.parametrize('channels', [8, 16, 64, 12])  # 12: not the compiled kernel's
 def test_scale_shift_silu_values_and_grads(impl, channels):
-  _skip_unless_available(impl)
+  skip_unless_available(impl)
   x = 4.0 * _x((2, 3, 4, 5, channels))
   scale, shift = 1.0 + _x((2, channels), 1), _x((2, channels), 2)
   plain = lambda x, a, c: jax.nn.silu(x * a[:, None, None, None] + c[:, None, None, None])

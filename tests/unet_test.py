@@ -8,12 +8,9 @@ import pytest
 
 from progression.errors import ProgressionError
 from progression.models import unet
+from tests.conftest import random_normal as _x
 
 FEATURES = (4, 8, 16)
-
-
-def _x(shape, seed=0):
-  return jax.random.normal(jax.random.PRNGKey(seed), shape, jnp.float32)
 
 
 @pytest.fixture(scope='module')
